@@ -1,0 +1,1 @@
+"""Development tools: the fake Ollama server used by the tests, the benchmarks and `demo`."""

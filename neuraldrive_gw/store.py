@@ -160,6 +160,31 @@ def open_db(path: str, *, timeout: float = 5.0) -> sqlite3.Connection:
     return conn
 
 
+def check_db(path: str) -> int:
+    """Check a database without changing it (for `check-config`): its schema version.
+
+    Raises StoreError when it is missing, unreadable, corrupt, or of a newer schema.
+    """
+    if not os.path.exists(path):
+        raise _missing(path)
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=2.0)
+    except sqlite3.Error as exc:
+        raise _open_error(path, exc) from None
+    try:
+        version = user_version(conn)
+        _check_not_newer(version)
+        result = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if result != "ok":
+            raise StoreError(f"database {path} is damaged: {result}")
+        return version
+    except sqlite3.Error as exc:
+        raise _open_error(path, exc) from None
+    finally:
+        conn.close()
+
+
 def user_version(conn: sqlite3.Connection) -> int:
     """The schema version recorded in the database file."""
     return int(conn.execute("PRAGMA user_version").fetchone()[0])

@@ -378,3 +378,14 @@ def test_write_transaction_rolls_back_on_error(conn: sqlite3.Connection) -> None
     assert not conn.in_transaction
     assert conn.execute("SELECT count(*) FROM tenants").fetchone()[0] == 0
     assert revision(conn) == 0
+
+
+def test_check_db_reports_without_changing_anything(tmp_path: Path) -> None:
+    path = str(tmp_path / "gw.db")
+    with pytest.raises(store.StoreError, match="init-db"):
+        store.check_db(path)
+    assert not os.path.exists(path)
+    store.init_db(path)
+    before = os.stat(path).st_mtime_ns
+    assert store.check_db(path) == store.SCHEMA_VERSION
+    assert os.stat(path).st_mtime_ns == before

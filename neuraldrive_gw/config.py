@@ -141,7 +141,7 @@ def config_from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None =
                 raise ConfigError(f"{'.'.join(parents)}: must be a mapping")
             node = child
         node[leaf] = value
-    config = _build(Config, merged, "")
+    config: Config = _build(Config, merged, "")
     _validate(config)
     return config
 
@@ -204,6 +204,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, dotted: str) -> Any:
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{dotted}: must be a list of strings")
     optional = type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     if value is None:
@@ -226,10 +230,6 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{dotted}: must be a string")
-    if typing.get_origin(base) is tuple:
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ConfigError(f"{dotted}: must be a list of strings")
     raise ConfigError(f"{dotted}: unsupported type")  # pragma: no cover - schema bug
 
 
@@ -285,8 +285,8 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"trusted_proxies[{index}]: not an IP address or network: {item!r}") from None
     if c.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: must be debug, info, warning or error")
-    for dotted, value in (("paths.database", c.paths.database),
-                          ("paths.master_key_file", c.paths.master_key_file),
-                          ("paths.status_socket", c.paths.status_socket)):
-        if not value:
+    for dotted, path in (("paths.database", c.paths.database),
+                         ("paths.master_key_file", c.paths.master_key_file),
+                         ("paths.status_socket", c.paths.status_socket)):
+        if not path:
             raise ConfigError(f"{dotted}: must not be empty")

@@ -75,6 +75,6 @@ def test_shipped_config_documents_every_key_and_loads() -> None:
     assert load_config(str(REPO / "etc" / "gw.yaml"), env={}) == Config()
     for dotted in _leaf_paths(Config):
         leaf = dotted.rsplit(".", 1)[-1]
-        assert re.search(rf"^#?\s*{leaf}:", text, re.M), f"{dotted} is not documented in etc/gw.yaml"
+        assert re.search(rf"^\s*#?\s*{leaf}:", text, re.M), f"{dotted} is not documented in etc/gw.yaml"
     for dotted in _leaf_paths(Config):
         assert f"`{dotted}`" in (REPO / "docs" / "configuration.md").read_text(), dotted

@@ -1,0 +1,188 @@
+"""create_app(): the one composition root. The daemon, the demo and every test call it.
+
+There are no middlewares: the whole pipeline is one handler (pipeline.py) behind a single
+catch-all route, because routing must be decided on the raw target by our own table, not
+by aiohttp's router. Resources live in cleanup contexts, started in dependency order and
+stopped in reverse: key store → master key → upstream session → discovery → client watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from . import keys, store
+from .appkeys import PIPELINE
+from .auth import Authenticator, KeyVerifier, MasterKey
+from .clock import Clock, SystemClock
+from .config import Config
+from .pipeline import Pipeline
+from .policy import Catalog, ModelPolicy
+from .proxy import ClientWatch, Upstream
+
+log = logging.getLogger(__name__)
+
+# Options for the aiohttp server (AppRunner/TestServer) that runs a create_app() app.
+# auto_decompress off: aiohttp would otherwise gunzip bodies itself (Ollama never does) and
+# refuse encodings it lacks a codec for with its own 400; the gateway answers every
+# Content-Encoding but identity with 415 before reading a byte (intake.py).
+# lingering_time: after refusing a request whose body we did not read (401, 413, ...),
+# aiohttp drains the rest before closing so the client sees the answer, not a reset; one
+# second bounds what a huge declared body can cost us (the default is 10 s).
+SERVER_OPTIONS: dict[str, Any] = {"auto_decompress": False, "lingering_time": 1.0}
+
+AUTH_POLL_S = 0.25           # CLI changes take effect within 1 s (SPEC §2)
+MASTER_KEY_POLL_S = 1.0      # master key rotation within 2 s
+DISCOVERY_RETRY_S = 2.0      # while Ollama is unreachable
+
+
+async def _no_continue(request: web.Request) -> None:
+    """Do not let aiohttp answer `Expect: 100-continue` before we have checked the request."""
+    return None
+
+
+def create_app(config: Config, *, clock: Clock | None = None,
+               verify: Callable[[str, str], bool] = keys.verify_key) -> web.Application:
+    clock = clock or SystemClock()
+    master = MasterKey(config.paths.master_key_file)
+    verifier = KeyVerifier(monotonic=clock.monotonic, wall=clock.time, verify=verify)
+    catalog = Catalog(ttl_s=config.upstream.discovery_ttl_s, monotonic=clock.monotonic)
+    pipeline = Pipeline(config, auth=Authenticator(master, verifier),
+                        policy=ModelPolicy(catalog, allow_cloud_models=config.allow_cloud_models),
+                        watch=ClientWatch(), monotonic=clock.monotonic)
+
+    app = web.Application(client_max_size=config.limits.max_body_bytes)
+    app[PIPELINE] = pipeline
+    app.router.add_route("*", "/{tail:.*}", pipeline.handle, expect_handler=_no_continue)
+    # Runs before the listener stops waiting for handlers and before any resource closes.
+    app.on_shutdown.append(lambda _app: pipeline.watch.drain(config.shutdown_grace_s))
+    app.cleanup_ctx.extend([
+        _key_store(config, verifier),
+        _master_key(master),
+        _upstream(config, pipeline, clock),
+        _discovery(config, pipeline, catalog),
+        _background(pipeline.watch.run),
+    ])
+    return app
+
+
+# -- lifecycles ------------------------------------------------------------------------------
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _background(factory: Callable[[], Coroutine[Any, Any, None]]) -> CleanupCtx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(factory())
+        yield
+        await _cancel(task)
+    return ctx
+
+
+def _key_store(config: Config, verifier: KeyVerifier) -> CleanupCtx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        # Checks existence and schema (and migrates an older one) off the loop; a missing
+        # or newer database fails start-up here, before anything listens.
+        conn_sync = await asyncio.to_thread(store.open_db, config.paths.database)
+        conn_sync.close()
+        conn = await store.open_async(config.paths.database)
+        try:
+            verifier.install(await store.load_auth_snapshot(conn))
+            task = asyncio.get_running_loop().create_task(_poll_auth(conn, verifier))
+            yield
+            await _cancel(task)
+        finally:
+            await conn.close()
+    return ctx
+
+
+async def _poll_auth(conn: Any, verifier: KeyVerifier) -> None:
+    """Reload the key snapshot whenever another process changed keys or tenants."""
+    healthy = True
+    while True:
+        await asyncio.sleep(AUTH_POLL_S)
+        try:
+            revision = await asyncio.wait_for(store.auth_revision(conn), timeout=2.0)
+            if revision != verifier.snapshot.revision:
+                verifier.install(await asyncio.wait_for(store.load_auth_snapshot(conn), 10.0))
+                log.info("key store reloaded (revision %d, %d keys)", revision,
+                         len(verifier.snapshot.keys))
+            else:
+                verifier.mark_fresh()
+            if not healthy:
+                log.warning("key store readable again")
+            healthy = True
+        except Exception as exc:    # any failure: keep polling; staleness fails closed
+            if healthy:
+                log.warning("key store unreadable: %s", exc)
+            healthy = False
+
+
+def _master_key(master: MasterKey) -> CleanupCtx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await master.refresh()
+
+        async def poll() -> None:
+            while True:
+                await asyncio.sleep(MASTER_KEY_POLL_S)
+                try:
+                    await master.refresh()
+                except Exception:
+                    log.exception("master key refresh failed")
+
+        task = asyncio.get_running_loop().create_task(poll())
+        yield
+        await _cancel(task)
+    return ctx
+
+
+def _upstream(config: Config, pipeline: Pipeline, clock: Clock) -> CleanupCtx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, enable_cleanup_closed=False),
+            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False, trust_env=False)
+        pipeline.upstream = Upstream(
+            config.upstream.url, config.upstream.host_port,
+            connect_timeout_s=config.upstream.connect_timeout_s,
+            read_timeout_s=config.upstream.read_timeout_s, session=session,
+            monotonic=clock.monotonic)
+        yield
+        pipeline.upstream = None
+        await session.close()
+    return ctx
+
+
+def _discovery(config: Config, pipeline: Pipeline, catalog: Catalog) -> CleanupCtx:
+    async def discover() -> None:
+        ok = True
+        while True:
+            upstream = pipeline.upstream
+            try:
+                if upstream is None:
+                    raise RuntimeError("no upstream session")
+                catalog.update(json.loads(await upstream.fetch_json_bytes("/api/tags")))
+                if not ok:
+                    log.info("model discovery succeeded again (%d models)",
+                             len(catalog.installed()))
+                ok = True
+            except Exception as exc:
+                catalog.fail(f"{type(exc).__name__}")
+                if ok:
+                    log.warning("model discovery failed (%s); retrying", type(exc).__name__)
+                ok = False
+            await asyncio.sleep(config.upstream.discovery_interval_s if ok
+                                else min(DISCOVERY_RETRY_S, config.upstream.discovery_interval_s))
+    return _background(discover)

@@ -1,0 +1,239 @@
+"""Authentication: credential extraction, the master key file, and DB key verification.
+
+Security contract:
+* Exactly one credential per request (`Authorization: Bearer` or `x-api-key`); more → 400.
+* Malformed, unknown, revoked, expired and wrong keys all get the same 401.
+* An unknown key id costs no Argon2 work. Argon2 runs only on a cache miss, in a thread,
+  behind a small semaphore (each verify allocates 19 MiB).
+* Verified keys are cached under HMAC-SHA256(per-process secret, key), never the key
+  itself, and each hit is re-checked against the current snapshot (revocation, expiry,
+  rotation: the stored hash changed) so a change committed by the CLI wins on the next
+  request after the snapshot refresh.
+* The master key is compared in constant time; a missing, empty or group/world-accessible
+  key file disables it (reported), and DB keys keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from . import keys
+from .errors import TooManyCredentials, Unauthorized, Unavailable
+from .principals import MASTER, AuthSnapshot, KeyRecord, Principal, principal_for
+
+log = logging.getLogger(__name__)
+
+CACHE_TTL_S = 900.0
+CACHE_MAX = 50_000
+NEGATIVE_TTL_S = 60.0
+NEGATIVE_MAX = 4096
+
+
+def extract_credential(headers: Mapping[str, str]) -> str:
+    """The one bearer token of a request, or TooManyCredentials / Unauthorized.
+
+    `headers` is a CIMultiDict view (getall gives every occurrence, so a duplicated header
+    counts twice instead of silently using the first).
+    """
+    getall = getattr(headers, "getall")
+    authorization: list[str] = getall("Authorization", [])
+    api_keys: list[str] = getall("x-api-key", [])
+    if len(authorization) + len(api_keys) > 1:
+        raise TooManyCredentials()
+    if api_keys:
+        token = api_keys[0].strip()
+    elif authorization:
+        scheme, _, rest = authorization[0].strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise Unauthorized()
+        token = rest.strip()
+    else:
+        raise Unauthorized()
+    if not token or any(ch.isspace() for ch in token):
+        raise Unauthorized()
+    return token
+
+
+# -- master key ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MasterKeyState:
+    token: str | None
+    problem: str | None          # why the master key is disabled, for logs and status
+
+
+def read_master_key(path: str) -> MasterKeyState:
+    """Read and vet the master key file (blocking; call it in a thread from the loop)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return MasterKeyState(None, f"master key file {path} is missing")
+    except OSError as exc:
+        return MasterKeyState(None, f"master key file {path} cannot be read: {exc.strerror}")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return MasterKeyState(None, f"master key file {path} is not a regular file")
+        if info.st_mode & 0o077:
+            return MasterKeyState(None, f"master key file {path} is accessible by group or others "
+                                        f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it")
+        raw = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return MasterKeyState(None, f"master key file {path} is not ASCII")
+    if not token:
+        return MasterKeyState(None, f"master key file {path} is empty")
+    if len(token) < 16 or any(ch.isspace() or not ch.isprintable() for ch in token):
+        return MasterKeyState(None, f"master key file {path} does not hold a valid key")
+    return MasterKeyState(token, None)
+
+
+def _file_signature(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_mode, st.st_uid)
+
+
+class MasterKey:
+    """The master key, re-read whenever the file changes (polled; rotation needs no restart)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.state = MasterKeyState(None, "master key not loaded yet")
+        self._signature: tuple[int, ...] | None = ()
+
+    async def refresh(self) -> None:
+        """Re-read the file if its inode, size, mtime or mode changed."""
+        signature = await asyncio.to_thread(_file_signature, self.path)
+        if signature == self._signature:
+            return
+        state = await asyncio.to_thread(read_master_key, self.path)
+        self._signature = signature
+        if state.problem != self.state.problem or state.token != self.state.token:
+            if state.problem:
+                log.warning("master key disabled: %s", state.problem)
+            else:
+                log.info("master key loaded from %s", self.path)
+        self.state = state
+
+    def matches(self, token: str) -> bool:
+        expected = self.state.token
+        if expected is None:
+            return False
+        return hmac.compare_digest(token.encode(), expected.encode())
+
+
+# -- DB keys -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    key_id: str
+    hash: str
+    at: float
+
+
+class KeyVerifier:
+    """Verifies DB keys against the current AuthSnapshot, paying Argon2 once per key."""
+
+    def __init__(self, *, monotonic: Callable[[], float], wall: Callable[[], float],
+                 verify: Callable[[str, str], bool] = keys.verify_key, concurrency: int = 2,
+                 stale_after_s: float = 5.0, poll_clock: Callable[[], float] = time.monotonic):
+        self.snapshot = AuthSnapshot()
+        self.snapshot_at: float | None = None      # monotonic time of the last good refresh
+        self._monotonic = monotonic
+        self._wall = wall
+        self._verify = verify
+        self._slots = asyncio.Semaphore(concurrency)
+        self._stale_after_s = stale_after_s
+        # Freshness is judged on the clock the refresh loop really runs on (real time),
+        # not the injected one, so a test moving time cannot fake an outage.
+        self._poll_clock = poll_clock
+        self._secret = os.urandom(32)
+        self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
+        self._failed: OrderedDict[bytes, float] = OrderedDict()
+        self.verifications = 0    # Argon2 verifies run (issue: a key pays once)
+
+    def install(self, snapshot: AuthSnapshot) -> None:
+        """Swap in a freshly loaded snapshot; cache entries are re-validated lazily."""
+        self.snapshot = snapshot
+        self.snapshot_at = self._poll_clock()
+        # A change can turn a previously failing token into a valid one (rotation back,
+        # new key): forget negative results.
+        self._failed.clear()
+
+    def mark_fresh(self) -> None:
+        """The revision was checked and is unchanged: the snapshot is still current."""
+        self.snapshot_at = self._poll_clock()
+
+    def is_fresh(self) -> bool:
+        return self.snapshot_at is not None and \
+            self._poll_clock() - self.snapshot_at <= self._stale_after_s
+
+    async def authenticate(self, token: str) -> Principal:
+        """Principal for a DB key, or Unauthorized; Unavailable when the snapshot is stale."""
+        key_id = keys.key_id(token)
+        if key_id is None:
+            raise Unauthorized()
+        if not self.is_fresh():
+            # Fail closed: we can no longer see revocations committed by the CLI.
+            raise Unavailable("key store unavailable")
+        record = self.snapshot.keys.get(key_id)
+        if record is None or not record.usable(self._wall()):
+            raise Unauthorized()
+        digest = hmac.new(self._secret, token.encode(), hashlib.sha256).digest()
+        now = self._monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None:
+            if hit.key_id == key_id and hit.hash == record.hash and now - hit.at < CACHE_TTL_S:
+                return principal_for(record)
+            del self._cache[digest]
+        failed_at = self._failed.get(digest)
+        if failed_at is not None and now - failed_at < NEGATIVE_TTL_S:
+            raise Unauthorized()
+        if not await self._verify_in_thread(record, token):
+            self._remember_failure(digest, now)
+            raise Unauthorized()
+        self._cache[digest] = _Verified(key_id, record.hash, now)
+        if len(self._cache) > CACHE_MAX:
+            self._cache.popitem(last=False)
+        return principal_for(record)
+
+    async def _verify_in_thread(self, record: KeyRecord, token: str) -> bool:
+        async with self._slots:
+            self.verifications += 1
+            return await asyncio.to_thread(self._verify, record.hash, token)
+
+    def _remember_failure(self, digest: bytes, now: float) -> None:
+        self._failed[digest] = now
+        if len(self._failed) > NEGATIVE_MAX:
+            self._failed.popitem(last=False)
+
+
+class Authenticator:
+    """Master key first, then DB keys; the one entry point of the pipeline."""
+
+    def __init__(self, master: MasterKey, verifier: KeyVerifier):
+        self.master = master
+        self.verifier = verifier
+
+    async def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        token = extract_credential(headers)
+        if self.master.matches(token):
+            return MASTER
+        return await self.verifier.authenticate(token)

@@ -1,0 +1,22 @@
+"""The `neuraldrive-gw` command: serving, configuration, keys and tenants, the demo."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .db import init_db
+from .keys import keys
+from .serve import check_config, serve
+from .demo import demo
+from .tenants import tenants
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="neuraldrive-gw")
+def main() -> None:
+    """NeuralDrive API gateway: authenticated, policy-enforcing proxy in front of Ollama."""
+
+
+for command in (serve, check_config, init_db, tenants, keys, demo):
+    main.add_command(command)

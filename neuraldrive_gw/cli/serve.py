@@ -1,0 +1,65 @@
+"""`serve` and `check-config`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import click
+import yaml
+
+from .. import store
+from ..auth import read_master_key
+from ..daemon import serve as run_daemon
+from ..daemon import setup_logging
+from .common import config_options, get_config
+
+
+@click.command()
+@config_options
+@click.option("--listen", metavar="HOST:PORT", help="Override listen.host and listen.port.")
+@click.option("--upstream", metavar="URL", help="Override upstream.url (Ollama).")
+def serve(config_path: str | None, db_path: str | None, listen: str | None,
+          upstream: str | None) -> None:
+    """Run the gateway in the foreground (systemd runs exactly this)."""
+    overrides: dict[str, Any] = {}
+    if listen:
+        host, sep, port = listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
+        overrides["listen.host"] = host.strip("[]") or "127.0.0.1"
+        overrides["listen.port"] = int(port)
+    if upstream:
+        overrides["upstream.url"] = upstream
+    config = get_config(config_path, db_path, overrides)
+    setup_logging(config.log_level)
+    sys.exit(asyncio.run(run_daemon(config)))
+
+
+@click.command("check-config")
+@config_options
+def check_config(config_path: str | None, db_path: str | None) -> None:
+    """Validate the configuration, print the effective values, and check the key file and DB.
+
+    Exit status: 0 all good, 1 a problem with the master key or database, 2 invalid config.
+    """
+    config = get_config(config_path, db_path)
+    click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+    problems = []
+    master = read_master_key(config.paths.master_key_file)
+    if master.problem:
+        problems.append(f"master key disabled: {master.problem}")
+    try:
+        version = store.check_db(config.paths.database)
+    except store.StoreError as exc:
+        problems.append(str(exc))
+    else:
+        if version < store.SCHEMA_VERSION:
+            click.echo(f"note: database schema {version} will be migrated to "
+                       f"{store.SCHEMA_VERSION} at the next start", err=True)
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo("# configuration OK", err=True)

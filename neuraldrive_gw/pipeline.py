@@ -1,0 +1,189 @@
+"""The request pipeline (SPEC §3), one request at a time, in order.
+
+    1 request id → 2 canonical target and route → 4 authenticate → 5 endpoint policy
+    → 6 body (size, time, strict JSON) → 7 model policy → 8 shaping → 10 forward/relay
+
+(Step 3, the per-IP auth-failure limiter, and step 9, admission, belong to the quota
+subsystem and slot in where the comments say.) Every refusal is a GatewayError rendered in
+the route's dialect; every response carries X-Request-ID.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from functools import partial
+
+import aiohttp
+from aiohttp import web
+
+from . import clientip
+from .auth import Authenticator
+from .body import BodyError, ShapedRequest, ShapeLimits, parse_json_body, serialise, shape_request
+from .config import Config
+from .errors import (BadRequest, EndpointBlocked, GatewayError, Unavailable, dialect_for_path,
+                     error_response)
+from .intake import read_body
+from .metering import meter_for
+from .policy import ModelPolicy
+from .principals import Principal
+from .proxy import ClientWatch, Outcome, Upstream, check_status, relay_buffered, relay_stream
+from .routes import MODEL_PREFIX, Route, Target, canonical_path, resolve
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("neuraldrive_gw.access")
+
+_STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+_CLOSE_AFTER = frozenset({408, 413, 415})   # the unread body makes the connection unusable
+_USAGE_STRIPPABLE = frozenset({"v1_chat", "v1_completions"})
+
+
+class Pipeline:
+    """Holds the request-path components and handles every request of the app."""
+
+    def __init__(self, config: Config, *, auth: Authenticator, policy: ModelPolicy,
+                 watch: ClientWatch, monotonic: Callable[[], float]):
+        self.config = config
+        self.auth = auth
+        self.policy = policy
+        self.watch = watch
+        self.upstream: Upstream | None = None        # set by the app's upstream lifecycle
+        self.monotonic = monotonic
+        self.limits = ShapeLimits(num_predict_cap=config.limits.num_predict_cap,
+                                  max_num_ctx=config.limits.max_num_ctx,
+                                  max_keep_alive_s=config.limits.max_keep_alive_s)
+        self.trusted = clientip.parse_networks(config.trusted_proxies)
+        self.requests_by_status: dict[int, int] = {}
+
+    # -- entry point -----------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        request_id = str(uuid.uuid4())
+        started = self.monotonic()
+        raw_path = request.raw_path.split("?", 1)[0]
+        dialect = dialect_for_path(raw_path)
+        info: dict[str, object] = {}
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._process(request, request_id, info)
+        except GatewayError as error:
+            response = error_response(error, dialect, request_id)
+            if error.status in _CLOSE_AFTER:
+                response.force_close()
+            info.setdefault("reason", type(error).__name__)
+        except Exception:
+            log.exception("request %s failed", request_id)
+            response = error_response(GatewayError(), dialect, request_id)
+        finally:
+            status = response.status if response is not None else 499
+            if response is not None and not response.prepared:
+                response.headers["X-Request-ID"] = request_id
+            self.requests_by_status[status] = self.requests_by_status.get(status, 0) + 1
+            access_log.info(
+                "rid=%s ip=%s method=%s path=%s status=%d key=%s model=%s stream=%s "
+                "outcome=%s ms=%.1f", request_id, self._client_ip(request), request.method,
+                info.get("path", "-"), status, info.get("key", "-"), info.get("model", "-"),
+                info.get("stream", "-"), info.get("reason", "ok"),
+                (self.monotonic() - started) * 1000)
+        return response
+
+    def _client_ip(self, request: web.BaseRequest) -> str:
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        host = peer[0] if isinstance(peer, tuple) else None
+        return clientip.client_ip(host, request.headers.getall("X-Forwarded-For", []),
+                                  self.trusted)
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    async def _process(self, request: web.Request, request_id: str,
+                       info: dict[str, object]) -> web.StreamResponse:
+        path = canonical_path(request.raw_path)
+        info["path"] = path
+        target = resolve(request.method, path)
+        route = target.route
+        if route is not None and route.public:
+            return self._health(route)
+        principal = await self.auth.authenticate(request.headers)
+        info["key"] = principal.key_id
+        if route is None:
+            raise EndpointBlocked()
+        body: bytes | None = None
+        shaped: ShapedRequest | None = None
+        upstream_path = path
+        if route.body:
+            shaped = await self._shape(request, route, principal, info)
+            body = serialise(shaped.body)
+        elif route.path_model and target.model is not None:
+            upstream_path = MODEL_PREFIX + self.policy.resolve(principal, target.model)
+        # Admission (concurrency, fair queue, buckets, budgets) goes here: SPEC §8.
+        return await self._forward(request, request_id, route, target, upstream_path, body,
+                                   shaped, principal, info)
+
+    async def _shape(self, request: web.Request, route: Route, principal: Principal,
+                     info: dict[str, object]) -> ShapedRequest:
+        raw = await read_body(request, max_bytes=self.config.limits.max_body_bytes,
+                              timeout_s=self.config.limits.body_timeout_s)
+        try:
+            shaped = shape_request(route.name, parse_json_body(raw), self.limits)
+        except BodyError as exc:
+            raise BadRequest(str(exc)) from None
+        if shaped.model is None:
+            raise BadRequest("model is required")
+        installed = self.policy.resolve(principal, shaped.model)
+        info["model"] = installed
+        info["stream"] = shaped.stream
+        # Ollama resolves `model` before `name`; forward exactly one, spelt as installed.
+        shaped.body["model"] = installed
+        shaped.body.pop("name", None)
+        return shaped
+
+    async def _forward(self, request: web.Request, request_id: str, route: Route,
+                       target: Target, upstream_path: str, body: bytes | None,
+                       shaped: ShapedRequest | None, principal: Principal,
+                       info: dict[str, object]) -> web.StreamResponse:
+        upstream = self.upstream
+        if upstream is None:
+            raise Unavailable("the gateway is starting")
+        outcome = Outcome()
+        task = self.watch.add(request)
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            resp = await upstream.open(request.method, upstream_path, body)
+            outcome.upstream_status = resp.status
+            check_status(resp, model_route=route.body or route.path_model)
+            content_type = resp.headers.get("Content-Type", "")
+            if content_type.startswith(_STREAM_TYPES) and request.method != "HEAD":
+                strip = (shaped is not None and shaped.stream and not shaped.client_wants_usage
+                         and route.name in _USAGE_STRIPPABLE)
+                meter = meter_for(route.name, strip_usage=strip)
+                return await relay_stream(request, resp, meter, request_id, outcome,
+                                          self.monotonic)
+            transform = None
+            if route.listing is not None and request.method == "GET":
+                transform = partial(self.policy.filter_listing, route.listing, principal)
+            return await relay_buffered(request, resp, route.name, request_id, outcome,
+                                        transform)
+        finally:
+            self.watch.discard(task)
+            if outcome.error:
+                info["reason"] = outcome.error
+            if resp is not None:
+                # A finished answer returns the connection to the pool; anything else
+                # closes it, which is how Ollama learns to stop generating.
+                if outcome.complete:
+                    resp.release()
+                else:
+                    resp.close()
+
+    def _health(self, route: Route) -> web.Response:
+        if route.name == "health":
+            return web.Response(text="ok")
+        checks = {"upstream": self.policy.catalog.fresh(),
+                  "key_store": self.auth.verifier.is_fresh()}
+        ok = all(checks.values())
+        return web.Response(status=200 if ok else 503, content_type="application/json",
+                            text=json.dumps({"status": "ok" if ok else "degraded",
+                                             "checks": checks}))

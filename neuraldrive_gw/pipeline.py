@@ -155,7 +155,7 @@ class Pipeline:
             outcome.upstream_status = resp.status
             check_status(resp, model_route=route.body or route.path_model)
             content_type = resp.headers.get("Content-Type", "")
-            if content_type.startswith(_STREAM_TYPES) and request.method != "HEAD":
+            if route.streams and content_type.startswith(_STREAM_TYPES):
                 strip = (shaped is not None and shaped.stream and not shaped.client_wants_usage
                          and route.name in _USAGE_STRIPPABLE)
                 meter = meter_for(route.name, strip_usage=strip)

@@ -23,6 +23,7 @@ class Route:
     proxied: bool = True
     body: bool = False              # carries a JSON body to validate and re-serialise
     inference: bool = False         # takes a GPU slot (SPEC §8)
+    streams: bool = False           # may answer with NDJSON/SSE, relayed frame by frame
     listing: str | None = None      # "tags" | "ps" | "models": filtered to the caller's models
     path_model: bool = False        # the model is the last path segment (/v1/models/{model})
 
@@ -36,16 +37,20 @@ ROUTES: dict[str, Route] = {
     "/api/tags": Route("api_tags", _GET, listing="tags"),
     "/api/ps": Route("api_ps", _GET, listing="ps"),
     "/api/show": Route("api_show", _POST, body=True),
-    "/api/chat": Route("api_chat", _POST, body=True, inference=True),
-    "/api/generate": Route("api_generate", _POST, body=True, inference=True),
+    "/api/chat": Route("api_chat", _POST, body=True, inference=True, streams=True),
+    "/api/generate": Route("api_generate", _POST, body=True, inference=True, streams=True),
     "/api/embed": Route("api_embed", _POST, body=True, inference=True),
     "/api/embeddings": Route("api_embeddings", _POST, body=True, inference=True),
     "/v1/models": Route("v1_models", _GET, listing="models"),
-    "/v1/chat/completions": Route("v1_chat", _POST, body=True, inference=True),
-    "/v1/completions": Route("v1_completions", _POST, body=True, inference=True),
+    "/v1/chat/completions": Route("v1_chat", _POST, body=True, inference=True,
+                                  streams=True),
+    "/v1/completions": Route("v1_completions", _POST, body=True, inference=True,
+                                  streams=True),
     "/v1/embeddings": Route("v1_embeddings", _POST, body=True, inference=True),
-    "/v1/responses": Route("v1_responses", _POST, body=True, inference=True),
-    "/v1/messages": Route("v1_messages", _POST, body=True, inference=True),
+    "/v1/responses": Route("v1_responses", _POST, body=True, inference=True,
+                                  streams=True),
+    "/v1/messages": Route("v1_messages", _POST, body=True, inference=True,
+                                  streams=True),
     "/health": Route("health", _GET, public=True, proxied=False),
     "/healthz": Route("healthz", _GET, public=True, proxied=False),
 }

@@ -61,3 +61,9 @@ def test_unknown_routes(path: str) -> None:
 def test_model_route_takes_the_last_segment() -> None:
     target = resolve("GET", "/v1/models/llama3:latest")
     assert target.route is not None and target.route.path_model and target.model == "llama3:latest"
+
+
+def test_exactly_the_generating_routes_stream() -> None:
+    streaming = {route.name for route in ROUTES.values() if route.streams}
+    assert streaming == {"api_chat", "api_generate", "v1_chat", "v1_completions",
+                         "v1_responses", "v1_messages"}

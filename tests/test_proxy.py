@@ -197,3 +197,17 @@ async def test_discovery_failure_fails_closed_after_ttl(gw: Gateway, http) -> No
         assert r.status == 403
     async with http.get(gw.url + "/healthz") as r:
         assert r.status == 503 and (await r.json())["status"] == "degraded"
+
+
+async def test_running_models_listing_is_filtered(gw: Gateway, http) -> None:
+    for key, model in ((gw.keys.acme, ALLOWED_MODEL), (gw.keys.master, "qwen2.5:0.5b")):
+        async with await post(http, gw, "/api/generate", {"model": model, "prompt": "x",
+                                                          "stream": False}, key) as r:
+            assert r.status == 200
+    async with http.get(gw.url + "/api/ps", headers=gw.auth()) as r:
+        assert r.status == 200
+        names = [m["name"] for m in (await r.json())["models"]]
+    async with http.get(gw.url + "/api/ps", headers=gw.auth(gw.keys.master)) as r:
+        everything = [m["name"] for m in (await r.json())["models"]]
+    assert names == [ALLOWED_MODEL]
+    assert sorted(everything) == sorted([ALLOWED_MODEL, "qwen2.5:0.5b"])

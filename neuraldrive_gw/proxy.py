@@ -216,7 +216,9 @@ async def relay_stream(request: web.BaseRequest, resp: aiohttp.ClientResponse, m
             if tail:
                 await out.write(tail)
                 outcome.bytes_out += len(tail)
-            if not meter.complete:
+            if meter.errored:
+                outcome.error = f"upstream reported an error: {meter.upstream_error}"
+            elif not meter.complete:
                 outcome.error = "upstream ended the stream without a final frame"
         except asyncio.TimeoutError:
             outcome.error = "upstream read timeout"
@@ -228,6 +230,8 @@ async def relay_stream(request: web.BaseRequest, resp: aiohttp.ClientResponse, m
         outcome.usage = meter.usage
         if outcome.error is not None:
             log.warning("stream %s broken: %s", request_id, outcome.error)
+        if outcome.error is not None and not meter.errored:
+            # (An in-band upstream error was already replaced by the meter's own frame.)
             await out.write(meter.error_frame(
                 f"the model server stopped before the answer was complete (request id: {request_id})"))
         await out.write_eof()

@@ -3,8 +3,9 @@
 Frame shapes follow Ollama's `api/types.go`, `middleware/openai.go`, `openai/openai.go`,
 `openai/responses.go` and `anthropic/anthropic.go` (NOTES-ollama-api §2). Every stream is
 fed split at every byte boundary and in 1-, 2- and 7-byte chunks: what reaches the client,
-the usage and `complete` must not depend on how the network cut it. The error frames are
-then read back with the real client libraries (skipped where they are not installed).
+the usage and `complete` must not depend on how the network cut it. Upstream's in-band
+error frames must never reach the client: ours replace them. The error frames are then read
+back with the real client libraries (skipped where they are not installed).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 
 import pytest
 
-from neuraldrive_gw.framing import EventSplitter, LineSplitter, Oversized
-from neuraldrive_gw.metering import (MessagesMeter, NdjsonMeter, OpenAIChunkMeter,
-                                     ResponsesMeter, StreamMeter, StreamProtocolError, Usage,
-                                     meter_for, usage_from_body)
+from neuraldrive_gw.framing import (ERROR_LINE_HOLD, EventSplitter, LineSplitter, Oversized,
+                                    Spill, error_line)
+from neuraldrive_gw.metering import (UPSTREAM_ERROR_MESSAGE, MessagesMeter, NdjsonMeter,
+                                     OpenAIChunkMeter, ResponsesMeter, StreamMeter,
+                                     StreamProtocolError, Usage, meter_for, usage_from_body)
 
 
 def go_json(obj: Any) -> bytes:
@@ -211,6 +213,11 @@ def relay(meter: StreamMeter, chunks: list[bytes]) -> bytes:
     return b"".join(meter.feed(chunk) for chunk in chunks) + meter.finish()
 
 
+def replacement(route: str) -> bytes:
+    """The frame a meter sends in place of an upstream error, at a frame boundary."""
+    return meter_for(route, strip_usage=False).error_frame(UPSTREAM_ERROR_MESSAGE)
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -221,6 +228,7 @@ class Case:
     strip: bool = False
     out: bytes | None = None            # what the client gets; None: the stream unchanged
     error: str | None = None            # a substring of upstream_error
+    errored: bool = False               # the meter replaced an upstream error frame
 
 
 CASES = [
@@ -233,7 +241,8 @@ CASES = [
     Case("chat-garbage", "api_chat", ndjson(chat_frame("a")) + GARBAGE
          + ndjson(chat_final(**METRICS)), True, Usage(26, 298)),
     Case("chat-inband-error", "api_chat", ndjson(chat_frame("a")) + INBAND_ERROR + b"\n",
-         False, None, error="CUDA error"),
+         False, None, error="CUDA error", errored=True,
+         out=ndjson(chat_frame("a")) + replacement("api_chat")),
     Case("chat-truncated", "api_chat", CHAT[:-40], False, None),
     Case("chat-last-line-unterminated", "api_chat", CHAT[:-1], True, Usage(26, 298)),
     Case("generate", "api_generate",
@@ -250,7 +259,8 @@ CASES = [
     Case("v1-chat-error-data", "v1_chat",
          sse(CHAT_CHUNKS[0], (None, {"error": {"message": "upstream boom", "type": "api_error",
                                                "param": None, "code": None}})),
-         False, None, error="upstream boom"),
+         False, None, error="upstream boom", errored=True,
+         out=sse(CHAT_CHUNKS[0]) + replacement("v1_chat")),
     Case("v1-chat-comments", "v1_chat", b": keep-alive\n\n" + V1_CHAT, True, Usage(26, 298),
          strip=True, out=b": keep-alive\n\n" + V1_CHAT_STRIPPED),
     Case("v1-cmpl-usage-kept", "v1_completions", V1_CMPL, True, Usage(26, 298)),
@@ -266,17 +276,26 @@ CASES = [
     Case("responses", "v1_responses", RESPONSES, True, Usage(10, 20)),
     Case("responses-crlf", "v1_responses", crlf(RESPONSES), True, Usage(10, 20)),
     Case("responses-truncated", "v1_responses", sse(*RESP_HEAD), False, None),
-    Case("responses-failed", "v1_responses", RESPONSES_FAILED, True, None,
-         error="web search failed"),
+    Case("responses-failed", "v1_responses", RESPONSES_FAILED, False, None,
+         error="web search failed", errored=True,
+         out=sse(*RESP_HEAD) + replacement("v1_responses")),
+    Case("responses-failed-without-error", "v1_responses", sse(*RESP_HEAD, resp_event(
+        "response.failed", 6, response=response_obj("failed", R_USAGE))), True, Usage(10, 20),
+        error="response.failed"),
+    # Cut by EOF: a client drops the event anyway, and this one might hold error text.
+    Case("responses-cut-terminal", "v1_responses", RESPONSES[:-30], False, None,
+         out=sse(*RESP_HEAD)),
     Case("responses-incomplete", "v1_responses", RESPONSES_INCOMPLETE, True, Usage(10, 20)),
     Case("responses-error-event", "v1_responses", RESPONSES_ERROR, False, None,
-         error="model crashed"),
+         error="model crashed", errored=True,
+         out=sse(*RESP_HEAD[:3]) + replacement("v1_responses")),
     Case("messages", "v1_messages", MESSAGES, True, Usage(15, 7)),
     Case("messages-crlf", "v1_messages", crlf(MESSAGES), True, Usage(15, 7)),
     Case("messages-delta-without-input", "v1_messages", MESSAGES_NO_INPUT, True, Usage(12, 7)),
     Case("messages-truncated", "v1_messages", sse(msg_start(12), *MSG_BODY), False, Usage(12, 0)),
     Case("messages-error-event", "v1_messages", MESSAGES_ERROR, False, Usage(12, 0),
-         error="runner died"),
+         error="runner died", errored=True,
+         out=sse(msg_start(12), *MSG_BODY[:3]) + replacement("v1_messages")),
 ]
 
 
@@ -288,19 +307,61 @@ def test_stream_metering_independent_of_chunking(case: Case) -> None:
         assert relay(meter, chunks) == expected, [len(c) for c in chunks]
         assert meter.complete is case.complete, [len(c) for c in chunks]
         assert meter.usage == case.usage, [len(c) for c in chunks]
+        assert meter.errored is case.errored
         if case.error is None:
             assert meter.upstream_error is None
         else:
             assert meter.upstream_error is not None and case.error in meter.upstream_error
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.strip], ids=lambda c: c.id)
-def test_pass_through_returns_each_chunk_unchanged(case: Case) -> None:
+NDJSON_FRAME_RE = re.compile(rb"[^\n]*\n|[^\n]+\Z")
+SSE_FRAME_RE = re.compile(rb"(?s).*?\n\r?\n|.+\Z")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.strip and not c.errored],
+                         ids=lambda c: c.id)
+def test_whole_frames_pass_at_once_unchanged(case: Case) -> None:
+    """Ollama flushes whole lines and events: each goes out when it comes, as it came."""
+    ndjson_route = case.route.startswith("api_")
+    frames = (NDJSON_FRAME_RE if ndjson_route else SSE_FRAME_RE).findall(case.stream)
+    assert b"".join(frames) == case.stream
     meter = meter_for(case.route, strip_usage=False)
-    for i in range(0, len(case.stream), 5):
-        chunk = case.stream[i:i + 5]
-        assert meter.feed(chunk) is chunk
-    assert meter.finish() == b""
+    out = b""
+    for frame in frames:
+        sent = meter.feed(frame)
+        if re.search(rb"\n\Z" if ndjson_route else rb"\n\r?\n\Z", frame):
+            assert sent is frame
+        out += sent
+    assert out + meter.finish() == (case.stream if case.out is None else case.out)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 7])
+def test_ndjson_holds_back_only_a_line_head(size: int) -> None:
+    stream = CHAT + GARBAGE + b"  \t {\n" + b" " * 30 + b"x\n"
+    meter = NdjsonMeter()
+    fed = out = b""
+    for i in range(0, len(stream), size):
+        fed += stream[i:i + size]
+        out += meter.feed(stream[i:i + size])
+        held = fed[len(out):]
+        assert fed.startswith(out) and len(held) <= ERROR_LINE_HOLD
+        assert not held or not out or out.endswith(b"\n")      # a line start
+    assert out + meter.finish() == stream
+    assert not meter.errored and meter.upstream_error is None
+
+
+@pytest.mark.parametrize("line,start,verdict", [
+    (b"", 0, None), (b"{", 0, None), (b'{"err', 0, None), (b'{"error', 0, None),
+    (b'{"error"', 0, True), (b'{"error":"x"}\n', 0, True), (b'{ "error"', 0, True),
+    (b'\t{ \r"error" :', 0, True), (b"  {  \"err", 0, None), (b" " * 8 + b'{"error"', 0, True),
+    (b'{"errors":[]}', 0, False), (b'{"model":"x"}', 0, False),
+    (b'{"done":true,"error":"x"}', 0, False),
+    (b'{"err\n{"error"', 0, False), (b"{\n", 0, False), (b"\r\n", 0, False), (b"[", 0, False),
+    (b'"error"', 0, False), (b" " * 16, 0, False), (b" " * 9 + b'{"error"', 0, False),
+    (b'{"a":1}\n{"error":"x"}', 8, True), (b'{"a":1}\n{"er', 8, None),
+])
+def test_error_line_heads(line: bytes, start: int, verdict: bool | None) -> None:
+    assert error_line(line, start) is verdict
 
 
 def test_filtering_holds_back_only_the_incomplete_event() -> None:
@@ -309,6 +370,139 @@ def test_filtering_holds_back_only_the_incomplete_event() -> None:
     assert meter.feed(first + b"data: {") == first
     assert meter.feed(b'"x":1}\n') == b""
     assert meter.feed(b"\n") == b'data: {"x":1}\n\n'
+
+
+# --- in-band upstream errors: replaced, never relayed -------------------------------------------
+
+# What Ollama writes when the runner dies mid-stream: its text names internal paths.
+SECRET = ("llama runner process has terminated: error loading model /usr/share/ollama/"
+          ".ollama/models/blobs/sha256-6a0746a1ec1aef3e7ec53868f220ff6e")
+NATIVE_ERROR = go_json({"error": SECRET}) + b"\n"
+V1_ERROR = sse((None, {"error": {"message": SECRET, "type": "api_error", "param": None,
+                                 "code": None}}))
+NAMED_ERROR = sse(("error", {"type": "error", "code": "server_error", "message": SECRET,
+                             "param": None, "sequence_number": 4}))
+ANTHROPIC_UPSTREAM_ERROR = sse(("error", {"type": "error", "error": {"type": "api_error",
+                                                                     "message": SECRET}}))
+
+
+@dataclass(frozen=True)
+class Inband:
+    id: str
+    route: str
+    before: bytes       # relayed as the meter relays it on its own
+    error: bytes        # upstream's error frame: replaced by ours
+    after: bytes        # dropped
+    strip: bool = False
+
+
+CMPL_ZERO = sse((None, cmpl_chunk("Once", None, ZERO)))
+INBAND = [
+    Inband("chat", "api_chat", ndjson(chat_frame("Hel"), chat_frame("lo")), NATIVE_ERROR,
+           ndjson(chat_final(**METRICS))),
+    Inband("chat-first-line", "api_chat", b"", NATIVE_ERROR, ndjson(chat_final(**METRICS))),
+    Inband("chat-spaced", "api_chat", ndjson(chat_frame("a")),
+           b'{ \t"error" : "' + SECRET.encode() + b'"}\n', ndjson(chat_final())),
+    Inband("chat-crlf", "api_chat", crlf(ndjson(chat_frame("a"))), crlf(NATIVE_ERROR),
+           crlf(ndjson(chat_final()))),
+    Inband("chat-error-at-eof", "api_chat", ndjson(chat_frame("a")), NATIVE_ERROR[:-1], b""),
+    Inband("generate", "api_generate", ndjson(gen_frame("Hi")), NATIVE_ERROR,
+           ndjson(gen_final([1, 2], **METRICS))),
+    Inband("v1-chat", "v1_chat", sse(*CHAT_CHUNKS[:2]), V1_ERROR,
+           sse(CHAT_CHUNKS[2], (None, USAGE_CHUNK), DONE)),
+    Inband("v1-chat-strip", "v1_chat", sse(*CHAT_CHUNKS[:2]), V1_ERROR,
+           sse(CHAT_CHUNKS[2], (None, USAGE_CHUNK), DONE), strip=True),
+    Inband("v1-chat-named", "v1_chat", sse(CHAT_CHUNKS[0]), sse(("error", {"message": SECRET})),
+           sse(DONE)),
+    Inband("v1-chat-crlf", "v1_chat", crlf(sse(CHAT_CHUNKS[0])), crlf(V1_ERROR), crlf(sse(DONE))),
+    Inband("v1-cmpl", "v1_completions", CMPL_ZERO, V1_ERROR, sse(DONE)),
+    Inband("v1-cmpl-strip", "v1_completions", CMPL_ZERO, V1_ERROR, sse(DONE), strip=True),
+    Inband("v1-cmpl-error-member-last", "v1_completions", CMPL_ZERO,
+           sse((None, {"id": "cmpl-77", "choices": [], "error": {"message": SECRET}})),
+           sse(DONE)),
+    Inband("responses-error", "v1_responses", sse(*RESP_HEAD[:4]), NAMED_ERROR,
+           sse(*RESP_HEAD[4:], resp_event("response.completed", 6,
+                                          response=response_obj("completed", R_USAGE)))),
+    Inband("responses-failed", "v1_responses", sse(*RESP_HEAD), sse(resp_event(
+        "response.failed", 6, response=response_obj("failed", R_USAGE, error={
+            "code": "server_error", "message": SECRET}))), b": trailing comment\n\n"),
+    Inband("responses-error-at-eof", "v1_responses", sse(*RESP_HEAD[:4]), NAMED_ERROR[:-1], b""),
+    Inband("messages", "v1_messages", sse(msg_start(12), *MSG_BODY[:3]),
+           ANTHROPIC_UPSTREAM_ERROR, sse(*MSG_BODY[3:], msg_delta({"output_tokens": 7}),
+                                         MSG_STOP)),
+    Inband("messages-crlf", "v1_messages", crlf(sse(msg_start(12))),
+           crlf(ANTHROPIC_UPSTREAM_ERROR), crlf(sse(MSG_STOP))),
+]
+
+
+def inband_stream(case: Inband) -> bytes:
+    return case.before + case.error + case.after
+
+
+@pytest.mark.parametrize("case", INBAND, ids=lambda c: c.id)
+def test_inband_error_is_replaced_and_the_rest_dropped(case: Inband) -> None:
+    alone = meter_for(case.route, strip_usage=case.strip)
+    expected = relay(alone, [case.before]) + replacement(case.route)
+    assert UPSTREAM_ERROR_MESSAGE.encode() in expected
+    for chunks in chunkings(inband_stream(case), (1, 7)):
+        meter = meter_for(case.route, strip_usage=case.strip)
+        out = relay(meter, chunks)
+        assert out == expected, [len(c) for c in chunks]
+        assert b"/usr/share/ollama" not in out
+        assert meter.errored and not meter.complete, [len(c) for c in chunks]
+        assert meter.upstream_error == SECRET, [len(c) for c in chunks]
+        # Over: nothing more goes out, and the proxy appends no second error frame.
+        assert meter.feed(case.after + b"\n\n") == meter.finish() == meter.error_frame(M) == b""
+
+
+def test_ndjson_error_line_text_is_read_within_bounds() -> None:
+    long_error = go_json({"error": SECRET + " " + "z" * 10_000}) + b"\n"
+    stream = ndjson(chat_frame("a")) + long_error + ndjson(chat_final())
+    for size in (1, 100, len(stream)):
+        meter = NdjsonMeter()
+        out = relay(meter, [stream[i:i + size] for i in range(0, len(stream), size)])
+        assert out == ndjson(chat_frame("a")) + replacement("api_chat")
+        assert meter.upstream_error is not None and meter.upstream_error.startswith(SECRET)
+        assert len(meter.upstream_error) <= 500
+
+
+def test_oversized_error_event_is_replaced_too() -> None:
+    for error in (ANTHROPIC_UPSTREAM_ERROR, sse((None, {"error": {"message": SECRET}}))):
+        big = error.replace(SECRET.encode(), SECRET.encode() + b" " + b"z" * 5000)
+        stream = sse(msg_start(1)) + big + sse(MSG_STOP)
+        meter = MessagesMeter(max_event=1024)
+        out = relay(meter, [stream[i:i + 100] for i in range(0, len(stream), 100)])
+        assert out == sse(msg_start(1)) + replacement("v1_messages")
+        assert meter.errored and meter.upstream_error and SECRET in meter.upstream_error
+
+
+WORDY = 'error: the "error" was {"error": 1}, "error" — no error'
+TOOL_CALL = {**chat_frame(""), "message": {"role": "assistant", "content": "", "tool_calls": [
+    {"function": {"name": "report", "arguments": {"error": "disk full"}}}]}}
+HARMLESS = [
+    ("api_chat", ndjson(chat_frame(WORDY), TOOL_CALL, chat_final(**METRICS))),
+    ("api_chat", b'{"errors":["x"],"done":false}\n{"err":1}\n' + ndjson(chat_final())),
+    ("api_generate", ndjson(gen_frame(WORDY), gen_frame("error"), gen_final([1], **METRICS))),
+    ("v1_chat", sse((None, chat_chunk({"content": WORDY})),
+                    (None, {**chat_chunk({}), "error": None}), DONE)),     # null is no error
+    ("v1_completions", sse((None, cmpl_chunk(WORDY)), DONE)),
+    ("v1_responses", sse(*RESP_HEAD[:3], resp_event(
+        "response.output_text.delta", 3, delta=WORDY, item_id="msg_1", output_index=0,
+        content_index=0), resp_event("response.completed", 4,
+                                     response=response_obj("completed", R_USAGE)))),
+    ("v1_messages", sse(msg_start(1), ("content_block_delta", {
+        "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": WORDY}}),
+        msg_delta({"output_tokens": 2}), MSG_STOP)),
+]
+
+
+@pytest.mark.parametrize("route,stream", HARMLESS,
+                         ids=[f"{i}-{c[0]}" for i, c in enumerate(HARMLESS)])
+def test_content_mentioning_error_passes_unchanged(route: str, stream: bytes) -> None:
+    for chunks in chunkings(stream, (1, 7)):
+        meter = meter_for(route, strip_usage=False)
+        assert relay(meter, chunks) == stream, [len(c) for c in chunks]
+        assert meter.complete and not meter.errored and meter.upstream_error is None
 
 
 # --- long lines and events --------------------------------------------------------------------
@@ -350,11 +544,13 @@ def test_oversized_final_frame_is_read_from_its_head_and_tail() -> None:
 @pytest.mark.parametrize("size", [1, 7, 4096])
 def test_small_line_limit(size: int) -> None:
     final = go_json(gen_final(list(range(500)), **METRICS)) + b"\n"
-    stream = ndjson(gen_frame("x" * 3000)) + final + b'{"error":"late"}\n'
+    stream = ndjson(gen_frame("x" * 3000)) + final
     meter = NdjsonMeter(max_line=256)
-    chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
-    assert relay(meter, chunks) == stream
-    assert meter.complete and meter.usage == Usage(26, 298) and meter.upstream_error == "late"
+    late = b'{"error":"late"}\n' + ndjson(gen_frame("more"))
+    chunks = [(stream + late)[i:i + size] for i in range(0, len(stream + late), size)]
+    assert relay(meter, chunks) == stream + replacement("api_generate")
+    assert meter.usage == Usage(26, 298) and meter.upstream_error == "late"
+    assert meter.errored and not meter.complete     # the client saw an error after all
 
 
 def test_oversized_sse_event_passes_through_but_cannot_be_filtered() -> None:
@@ -382,14 +578,24 @@ def test_oversized_responses_terminal_event_still_ends_the_stream() -> None:
     assert meter.complete and meter.usage is None       # counts beyond the limit: estimated
 
 
-@pytest.mark.parametrize("splitter", [LineSplitter(16, keep_head=4, keep_tail=4),
-                                      EventSplitter(16, keep_head=4)], ids=["lines", "events"])
-def test_splitter_memory_is_bounded(splitter: LineSplitter | EventSplitter) -> None:
+def test_line_splitter_memory_is_bounded() -> None:
+    splitter = LineSplitter(16, keep_head=4, keep_tail=4)
     for _ in range(1000):
         assert splitter.feed(b"a" * 1000) == []
         assert len(splitter.partial()) <= 16
     records = splitter.feed(b"\n\nnext")
-    assert isinstance(records[0], Oversized) and records[0].head == b"aaaa"
+    assert records == [Oversized(b"aaaa", b"aaaa"), b""]
+    assert splitter.rest() == b"next"
+
+
+def test_event_splitter_spills_what_it_cannot_hold() -> None:
+    splitter = EventSplitter(16, keep_head=4)
+    pieces: list[bytes | Spill] = []
+    for _ in range(1000):
+        pieces += splitter.feed(b"a" * 1000)
+    assert pieces[0] == Spill(b"a" * 1000, b"aaaa", True, False)
+    assert all(p == Spill(b"a" * 1000, b"aaaa", False, False) for p in pieces[1:])
+    assert splitter.feed(b"\n\nnext") == [Spill(b"\n\n", b"aaaa", False, True)]
     assert splitter.rest() == b"next"
 
 
@@ -403,7 +609,7 @@ def test_splitters_match_a_reference_split() -> None:
         limit = rnd.choice([4, 8, 1000])
         events = EventSplitter(limit, keep_head=3)
         lines = LineSplitter(limit, keep_head=3, keep_tail=3)
-        got_events: list[object] = []
+        got_events: list[bytes | Spill] = []
         got_lines: list[object] = []
         i = 0
         while i < len(stream):
@@ -411,16 +617,29 @@ def test_splitters_match_a_reference_split() -> None:
             got_events += events.feed(stream[i:i + n])
             got_lines += lines.feed(stream[i:i + n])
             i += n
+            out = b"".join(e if isinstance(e, bytes) else e.data for e in got_events)
+            assert stream.startswith(out), stream
+            assert min(i, len(stream)) - len(out) <= limit + 2, stream
         want_events, pos = [], 0
         while m := blank_line.search(stream, pos):
-            content = stream[pos:m.start() + 1]
-            event = stream[pos:m.end()]
-            want_events.append(Oversized(event[:3], b"") if len(content) > limit else event)
+            want_events.append(stream[pos:m.end()])
             pos = m.end()
-        assert got_events == want_events, stream
-        rest = stream[pos:]
-        assert events.rest() == ((Oversized(rest[:3], b"") if len(rest) > limit + 2 else rest)
-                                 if rest else None), stream
+        # Whole events are held no longer than limit + 2; spilled pieces regroup into events.
+        regrouped: list[bytes] = []
+        spilled: bytes | None = None
+        for e in got_events:
+            if isinstance(e, bytes):
+                assert spilled is None and len(e) <= limit + 2, stream
+                regrouped.append(e)
+                continue
+            assert e.first is (spilled is None), stream
+            spilled = (spilled or b"") + e.data
+            assert e.head == spilled[:3] and len(spilled) > limit + 2, stream
+            if e.last:
+                regrouped.append(spilled)
+                spilled = None
+        assert regrouped == want_events, stream
+        assert (spilled or b"") + events.rest() == stream[pos:], stream
         *want_lines, rest = stream.split(b"\n")
         assert got_lines == [Oversized(x[:3], x[-3:]) if len(x) > limit else x
                              for x in want_lines], stream
@@ -448,37 +667,59 @@ def named_frame(obj: Any) -> bytes:
 
 NDJSON_FRAME = json.dumps({"error": M}).encode() + b"\n"
 FRAME_CASES = [
-    # route, strip, bytes fed, expected error frame
-    ("api_chat", False, b"", NDJSON_FRAME),
-    ("api_chat", False, ndjson(chat_frame("a")), NDJSON_FRAME),
-    ("api_chat", False, ndjson(chat_frame("a")) + b'{"mod', b"\n" + NDJSON_FRAME),
-    ("api_generate", False, b'{"model":"x","response":"a\\r', b"\n" + NDJSON_FRAME),
-    ("v1_chat", False, b"", openai_frame(OPENAI_ERR)),
-    ("v1_chat", False, sse(CHAT_CHUNKS[0]), openai_frame(OPENAI_ERR)),
-    ("v1_chat", False, b'data: {"id":"chat', b"\n\n" + openai_frame(OPENAI_ERR)),
-    ("v1_chat", False, sse(CHAT_CHUNKS[0])[:-1], b"\n" + openai_frame(OPENAI_ERR)),
-    ("v1_chat", False, crlf(sse(CHAT_CHUNKS[0]))[:-1], b"\n" + openai_frame(OPENAI_ERR)),
-    ("v1_chat", False, crlf(sse(CHAT_CHUNKS[0]))[:-2], b"\n" + openai_frame(OPENAI_ERR)),
-    ("v1_chat", False, crlf(sse(CHAT_CHUNKS[0]))[:-3], b"\n\n" + openai_frame(OPENAI_ERR)),
-    ("v1_chat", True, b'data: {"id":"chat', openai_frame(OPENAI_ERR)),    # held back
-    ("v1_completions", False, b"data: [DO", b"\n\n" + openai_frame(OPENAI_ERR)),
-    ("v1_responses", False, b"", named_frame(RESPONSES_ERR)),
-    ("v1_responses", False, sse(RESP_HEAD[0]), named_frame(RESPONSES_ERR)),
-    ("v1_responses", False, b"event: response.output_te", b"\n" + named_frame(RESPONSES_ERR)),
-    ("v1_responses", False, b"event: response.output_text.delta\n", named_frame(RESPONSES_ERR)),
-    ("v1_responses", False, b'event: x\ndata: {"a"', b"\n\n" + named_frame(RESPONSES_ERR)),
-    ("v1_messages", False, sse(msg_start(1)), named_frame(ANTHROPIC_ERR)),
-    ("v1_messages", False, b"event: content_block_delta\ndata: {}",
+    # route, strip, bytes fed, EOF (finish() called), expected error frame
+    ("api_chat", False, b"", False, NDJSON_FRAME),
+    ("api_chat", False, ndjson(chat_frame("a")), False, NDJSON_FRAME),
+    ("api_chat", False, ndjson(chat_frame("a")) + b'{ "er', False, NDJSON_FRAME),   # held
+    ("api_chat", False, ndjson(chat_frame("a")) + b'{ "er', True, b"\n" + NDJSON_FRAME),
+    ("api_chat", False, ndjson(chat_frame("a")) + b'{"model"', False, b"\n" + NDJSON_FRAME),
+    ("api_generate", False, b'{"model":"x","response":"a\\r', False, b"\n" + NDJSON_FRAME),
+    ("v1_chat", False, b"", False, openai_frame(OPENAI_ERR)),
+    ("v1_chat", False, sse(CHAT_CHUNKS[0]), False, openai_frame(OPENAI_ERR)),
+    ("v1_chat", False, b'data: {"id":"chat', False, openai_frame(OPENAI_ERR)),    # held
+    ("v1_chat", False, b'data: {"id":"chat', True, b"\n\n" + openai_frame(OPENAI_ERR)),
+    ("v1_chat", False, sse(CHAT_CHUNKS[0])[:-1], True, b"\n" + openai_frame(OPENAI_ERR)),
+    ("v1_chat", False, crlf(sse(CHAT_CHUNKS[0]))[:-1], True, b"\n" + openai_frame(OPENAI_ERR)),
+    ("v1_chat", False, crlf(sse(CHAT_CHUNKS[0]))[:-2], True, b"\n" + openai_frame(OPENAI_ERR)),
+    ("v1_chat", False, crlf(sse(CHAT_CHUNKS[0]))[:-3], True,
+     b"\n\n" + openai_frame(OPENAI_ERR)),
+    ("v1_chat", True, b'data: {"id":"chat', False, openai_frame(OPENAI_ERR)),
+    ("v1_completions", False, b"data: [DO", True, b"\n\n" + openai_frame(OPENAI_ERR)),
+    ("v1_responses", False, b"", False, named_frame(RESPONSES_ERR)),
+    ("v1_responses", False, sse(RESP_HEAD[0]), False, named_frame(RESPONSES_ERR)),
+    ("v1_responses", False, b"event: response.output_te", False, named_frame(RESPONSES_ERR)),
+    ("v1_responses", False, b"event: response.output_te", True,
+     b"\n" + named_frame(RESPONSES_ERR)),
+    ("v1_responses", False, b"event: response.output_text.delta\n", True,
+     named_frame(RESPONSES_ERR)),
+    ("v1_responses", False, b'event: x\ndata: {"a"', True, b"\n\n" + named_frame(RESPONSES_ERR)),
+    ("v1_messages", False, sse(msg_start(1)), False, named_frame(ANTHROPIC_ERR)),
+    ("v1_messages", False, b"event: content_block_delta\ndata: {}", True,
      b"\n\n" + named_frame(ANTHROPIC_ERR)),
-    ("v1_messages", False, b"event: ping", b"\n" + named_frame(ANTHROPIC_ERR)),
+    ("v1_messages", False, b"event: ping", True, b"\n" + named_frame(ANTHROPIC_ERR)),
 ]
 
 
-@pytest.mark.parametrize("route,strip,fed,frame", FRAME_CASES)
-def test_error_frame_bytes(route: str, strip: bool, fed: bytes, frame: bytes) -> None:
+@pytest.mark.parametrize("route,strip,fed,eof,frame", FRAME_CASES)
+def test_error_frame_bytes(route: str, strip: bool, fed: bytes, eof: bool, frame: bytes) -> None:
     meter = meter_for(route, strip_usage=strip)
     meter.feed(fed)
+    if eof:
+        meter.finish()
+    assert not meter.errored
     assert meter.error_frame(M) == frame
+    assert meter.errored and not meter.complete
+    assert meter.error_frame(M) == b"" and meter.feed(b"data: x\n\n") == meter.finish() == b""
+
+
+def test_error_frame_ends_a_spilled_event() -> None:
+    big = sse((None, chat_chunk({"content": "y" * 5000})))
+    meter = OpenAIChunkMeter(max_event=1024)
+    assert meter.feed(big[:3000]) == big[:3000]
+    assert meter.error_frame(M) == b"\n\n" + openai_frame(OPENAI_ERR)
+    meter = OpenAIChunkMeter(max_event=1024)
+    assert relay(meter, [big[:3000], big[3000:]]) == big
+    assert meter.error_frame(M) == openai_frame(OPENAI_ERR)
 
 
 def test_error_frame_after_filtered_flush_at_eof() -> None:
@@ -588,9 +829,8 @@ def test_sse_error_frame_makes_the_client_raise_at_every_cut(
                 # it fails to parse that instead (still an exception, not a quiet end).
                 open_event = sent.replace(b"\r\n", b"\n").rsplit(b"\n\n", 1)[-1]
                 assert b"data" in open_event, sent
-    # Filtering holds back incomplete events: after a reset the client reads our error.
-    if strip and route in ("v1_chat", "v1_completions"):
-        assert clean == len(stream) + 1
+    # Incomplete events are held back: after a reset the client reads our error.
+    assert clean == len(stream) + 1
 
 
 def openai_client_body(body: bytes) -> Any:
@@ -616,6 +856,52 @@ def test_error_frames_through_the_real_openai_client() -> None:
     with pytest.raises(openai.APIError) as caught:
         list(client.responses.create(model="m", input="hi", stream=True))
     assert caught.value.message == M
+
+
+@pytest.mark.parametrize("case", [c for c in INBAND if c.route.startswith("api_")],
+                         ids=lambda c: c.id)
+def test_replaced_error_makes_ollama_python_raise(case: Inband) -> None:
+    ollama = pytest.importorskip("ollama")
+    body = relay(meter_for(case.route, strip_usage=False), [inband_stream(case)])
+    with pytest.raises(ollama.ResponseError) as caught:
+        list(ollama_lines(body))
+    assert caught.value.error == UPSTREAM_ERROR_MESSAGE
+
+
+@pytest.mark.parametrize("case", [c for c in INBAND if c.route.startswith("v1_")],
+                         ids=lambda c: c.id)
+def test_replaced_error_makes_the_sdk_stream_raise(case: Inband) -> None:
+    read = anthropic_events if case.route == "v1_messages" else openai_events
+    body = relay(meter_for(case.route, strip_usage=case.strip), [inband_stream(case)])
+    with pytest.raises(RuntimeError) as caught:
+        read(body)
+    assert UPSTREAM_ERROR_MESSAGE in str(caught.value) and SECRET not in str(caught.value)
+
+
+def test_replaced_errors_through_the_real_clients() -> None:
+    ollama = pytest.importorskip("ollama")
+    httpx = pytest.importorskip("httpx")
+    body = relay(NdjsonMeter(), [ndjson(chat_frame("Hel")) + NATIVE_ERROR + ndjson(chat_final())])
+    reply = httpx.Response(200, content=body, headers={"content-type": "application/x-ndjson"})
+    client = ollama.Client(host="http://gw", transport=httpx.MockTransport(lambda _: reply))
+    with pytest.raises(ollama.ResponseError) as caught:
+        list(client.chat(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert caught.value.error == UPSTREAM_ERROR_MESSAGE
+
+    openai = pytest.importorskip("openai")
+    body = relay(meter_for("v1_chat", strip_usage=True),
+                 [sse(*CHAT_CHUNKS[:2]) + V1_ERROR + sse(DONE)])
+    with pytest.raises(openai.APIError) as api_error:
+        list(openai_client_body(body).chat.completions.create(
+            model="m", stream=True, messages=[{"role": "user", "content": "hi"}]))
+    assert api_error.value.message == UPSTREAM_ERROR_MESSAGE
+    assert api_error.value.body["message"] == UPSTREAM_ERROR_MESSAGE
+
+    failed = [c for c in INBAND if c.id == "responses-failed"][0]
+    body = relay(meter_for("v1_responses", strip_usage=False), [inband_stream(failed)])
+    with pytest.raises(openai.APIError) as api_error:
+        list(openai_client_body(body).responses.create(model="m", input="hi", stream=True))
+    assert api_error.value.message == UPSTREAM_ERROR_MESSAGE
 
 
 def test_stripped_stream_reads_cleanly_in_the_real_openai_client() -> None:

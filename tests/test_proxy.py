@@ -211,3 +211,25 @@ async def test_running_models_listing_is_filtered(gw: Gateway, http) -> None:
         everything = [m["name"] for m in (await r.json())["models"]]
     assert names == [ALLOWED_MODEL]
     assert sorted(everything) == sorted([ALLOWED_MODEL, "qwen2.5:0.5b"])
+
+
+SECRET = "llama runner process has terminated: /usr/share/ollama/.ollama/models/blobs/sha256-x"
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/api/chat", {"messages": MESSAGES}),
+    ("/api/generate", {"prompt": "x"}),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stream": True}),
+    ("/v1/responses", {"input": "x", "stream": True}),
+    ("/v1/messages", {"messages": MESSAGES, "max_tokens": 32, "stream": True}),
+])
+async def test_in_band_upstream_error_text_never_reaches_the_client(gw: Gateway, http, path,
+                                                                     body) -> None:
+    gw.fake.add_fault(Fault("error", after_frames=2, path=path, message=SECRET))
+    async with await post(http, gw, path, {"model": ALLOWED_MODEL, **body}) as r:
+        assert r.status == 200
+        text = (await r.read()).decode()
+    assert "runner" not in text and "/usr/share" not in text
+    assert "the model server reported an error" in text
+    frames = text.split("\n\n") if "data:" in text else text.splitlines()
+    assert sum("the model server" in f for f in frames) == 1     # one error frame, not two

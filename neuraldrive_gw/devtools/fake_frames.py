@@ -67,6 +67,9 @@ class Reply:
     streaming: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)
     garbage: bytes = (GARBAGE + "\n").encode()
+    # an in-band error frame carrying the given message (the `error` fault)
+    error: Callable[[str], bytes] = field(
+        default_factory=lambda: lambda m: (dumps({"error": m}) + "\n").encode())
     # builds a valid frame whose longest line is exactly n bytes (the `oversized` fault)
     oversized: Callable[[int], bytes] = field(default_factory=lambda: _padding_line)
 
@@ -213,6 +216,8 @@ def _sse_reply(frames: Iterator[Frame], pad: Callable[[str], str], *, event: str
     prefix = f"event: {event}\n" if event else ""
     return Reply(frames, content_type=SSE, streaming=True, headers=headers or {},
                  garbage=f"data: {GARBAGE}\n\n".encode(),
+                 error=lambda m: _event("error", {"type": "error",
+                                                  "error": {"type": "api_error", "message": m}}),
                  oversized=lambda n: (prefix + _fit(pad, n) + "\n\n").encode())
 
 

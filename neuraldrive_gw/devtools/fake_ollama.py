@@ -35,7 +35,7 @@ DEFAULT_MODELS = ("llama3.2:1b", "qwen2.5:0.5b", "nomic-embed-text:latest", "gpt
 INFERENCE_PATHS = frozenset({
     "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/v1/chat/completions",
     "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"})
-FaultKind = Literal["slow", "reset", "hang", "hang_before_headers", "status", "garbage",
+FaultKind = Literal["slow", "reset", "hang", "hang_before_headers", "status", "garbage", "error",
                     "oversized", "redirect", "truncate"]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -85,6 +85,9 @@ class Fault:
                          `data:` line on SSE routes), then carry on
     oversized            after `after_frames` frames write one valid frame whose longest
                          line (NDJSON line or SSE `data:` line) is `size` bytes, then carry on
+    error                after `after_frames` frames write an in-band error carrying
+                         `message` (NDJSON `{"error": ...}` line, SSE `event: error`), then
+                         end cleanly, as Ollama does when a runner dies mid-generation
 
     A reset/hang/garbage/oversized fault whose `after_frames` exceeds the reply's frame
     count never fires (its `times` is still used up). Non-streamed replies hit by a frame
@@ -99,6 +102,7 @@ class Fault:
     path: str | None = None    # only this exact path (None = any inference path)
     model: str | None = None   # only requests for this model (resolved like Ollama does)
     times: int | None = None   # apply this many times, then drop (None = until cleared)
+    message: str = "llama runner process has terminated"   # error: the in-band error text
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:

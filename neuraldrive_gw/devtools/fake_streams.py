@@ -105,6 +105,8 @@ class FrameFault(Protocol):
     def delay_s(self) -> float: ...
     @property
     def size(self) -> int: ...
+    @property
+    def message(self) -> str: ...
 
 
 def _headers(reply: Reply) -> dict[str, str]:
@@ -158,6 +160,9 @@ async def _frames(request: web.Request, resp: web.StreamResponse, reply: Reply,
             if kind == "hang":
                 await watch.hold(request)
                 return False
+            if kind == "error":
+                await resp.write(reply.error(fault.message))
+                return True
             if kind == "garbage":
                 await resp.write(reply.garbage)
             else:

@@ -115,9 +115,14 @@ async def _poll_auth(conn: Any, verifier: KeyVerifier) -> None:
     while True:
         await asyncio.sleep(AUTH_POLL_S)
         try:
-            revision = await asyncio.wait_for(store.auth_revision(conn), timeout=2.0)
+            # asyncio.timeout, not wait_for: wait_for runs the call in an inner task, and a
+            # shutdown cancelling it mid-query could hang on 3.11 (seen in tests); this way
+            # cancellation reaches the aiosqlite await directly.
+            async with asyncio.timeout(2.0):
+                revision = await store.auth_revision(conn)
             if revision != verifier.snapshot.revision:
-                verifier.install(await asyncio.wait_for(store.load_auth_snapshot(conn), 10.0))
+                async with asyncio.timeout(10.0):
+                    verifier.install(await store.load_auth_snapshot(conn))
                 log.info("key store reloaded (revision %d, %d keys)", revision,
                          len(verifier.snapshot.keys))
             else:

@@ -60,7 +60,7 @@ def add_key(conn: sqlite3.Connection, key_id: str, tenant_id: int, **columns: ob
 
 def test_init_creates_a_private_wal_database_at_the_current_schema(tmp_path: Path) -> None:
     path = str(tmp_path / "gw.db")
-    assert store.init_db(path) == store.SCHEMA_VERSION == 1
+    assert store.init_db(path) == store.SCHEMA_VERSION == 2
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     conn = store.open_db(path)
     try:
@@ -102,26 +102,27 @@ def test_an_empty_existing_file_is_migrated_on_open(tmp_path: Path) -> None:
 
 
 def test_an_older_schema_is_migrated_step_by_step(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    v2 = "CREATE TABLE extra (x INTEGER);\nINSERT INTO extra VALUES (42);"
-    monkeypatch.setattr(store, "MIGRATIONS", (*store.MIGRATIONS, v2))
-    monkeypatch.setattr(store, "SCHEMA_VERSION", 2)
+    nxt = "CREATE TABLE extra (x INTEGER);\nINSERT INTO extra VALUES (42);"
+    monkeypatch.setattr(store, "MIGRATIONS", (*store.MIGRATIONS, nxt))
+    monkeypatch.setattr(store, "SCHEMA_VERSION", store.SCHEMA_VERSION + 1)
     conn = store.open_db(db)
     try:
-        assert store.user_version(conn) == 2
+        assert store.user_version(conn) == store.SCHEMA_VERSION
         assert conn.execute("SELECT x FROM extra").fetchone()[0] == 42
     finally:
         conn.close()
 
 
 def test_a_failing_migration_changes_nothing(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    v2 = "CREATE TABLE extra (x INTEGER);\nINSERT INTO no_such_table VALUES (1);"
-    monkeypatch.setattr(store, "MIGRATIONS", (*store.MIGRATIONS, v2))
-    monkeypatch.setattr(store, "SCHEMA_VERSION", 2)
+    current = store.SCHEMA_VERSION
+    nxt = "CREATE TABLE extra (x INTEGER);\nINSERT INTO no_such_table VALUES (1);"
+    monkeypatch.setattr(store, "MIGRATIONS", (*store.MIGRATIONS, nxt))
+    monkeypatch.setattr(store, "SCHEMA_VERSION", current + 1)
     with pytest.raises(store.StoreError, match="no such table"):
         store.open_db(db)
     check = raw(db)
     try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert check.execute("PRAGMA user_version").fetchone()[0] == current
         assert check.execute("SELECT count(*) FROM sqlite_master WHERE name = 'extra'"
                              ).fetchone()[0] == 0
     finally:

@@ -1,10 +1,11 @@
-"""The `neuraldrive-gw` command: serving, configuration, keys and tenants, the demo."""
+"""The `neuraldrive-gw` command: serving, configuration, keys and tenants, audit, the demo."""
 
 from __future__ import annotations
 
 import click
 
 from .. import __version__
+from .audit import audit, usage
 from .db import init_db
 from .keys import keys
 from .serve import check_config, serve
@@ -18,5 +19,5 @@ def main() -> None:
     """NeuralDrive API gateway: authenticated, policy-enforcing proxy in front of Ollama."""
 
 
-for command in (serve, check_config, init_db, tenants, keys, demo):
+for command in (serve, check_config, init_db, tenants, keys, audit, usage, demo):
     main.add_command(command)

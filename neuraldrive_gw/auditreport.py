@@ -1,0 +1,139 @@
+"""Reading the audit log for operators: the last rows, usage totals, and time arguments."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import sqlite3
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .admin import AdminError
+from .auditchain import AuditRecord
+from .auditchain import COLUMNS
+
+_DURATION = re.compile(r"([0-9]{1,6})([mhdw])", re.ASCII)
+_UNIT_S = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: str, now: float) -> float:
+    """A point in the past: a duration back from `now` (`90d`, `12h`, `30m`, `2w`), a UTC
+    date (`2026-11-01`: its midnight) or an ISO 8601 time (no zone = UTC)."""
+    text = text.strip()
+    match = _DURATION.fullmatch(text)
+    if match:
+        amount = int(match.group(1))
+        if amount == 0:
+            raise AdminError(f"invalid time {text!r}: a duration must be positive")
+        return now - amount * _UNIT_S[match.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise AdminError(f"invalid time {text!r}: use e.g. 7d, 12h, 30m, 2w, 2026-11-01 "
+                         "or 2026-11-01T12:00:00Z") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+def iso_ms(ts: float) -> str:
+    """Unix time → ISO 8601 UTC with milliseconds and a `Z`."""
+    moment = dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+# -- tail ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    record: AuditRecord
+    prev_hash: str
+    row_hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": self.id}
+        data.update((f.name, getattr(self.record, f.name)) for f in fields(AuditRecord))
+        data["at"] = iso_ms(self.record.at)
+        data["at_epoch"] = self.record.at
+        data["prev_hash"], data["row_hash"] = self.prev_hash, self.row_hash
+        return data
+
+
+def tail(conn: sqlite3.Connection, count: int = 20) -> list[AuditEntry]:
+    """The last `count` rows, oldest first."""
+    rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM audit ORDER BY id DESC LIMIT ?",
+                        (max(count, 0),)).fetchall()
+    return [_entry(row) for row in reversed(rows)]
+
+
+def _entry(row: Any) -> AuditEntry:
+    names = [f.name for f in fields(AuditRecord)]
+    values = dict(zip(names, row[1:-2]))
+    values["stream"] = bool(values["stream"])
+    return AuditEntry(row[0], AuditRecord(**values), row[-2], row[-1])
+
+
+# -- usage ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    name: str                        # key id or tenant name
+    tenant: str | None               # a key's tenant (None for the master key and tenants)
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: int                   # requests whose counts were estimated
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "tenant": self.tenant, "requests": self.requests,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens, "estimated_requests": self.estimated}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    since: float | None
+    keys: list[UsageTotal]
+    tenants: list[UsageTotal]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"since": None if self.since is None else iso_ms(self.since),
+                "keys": [t.to_json() for t in self.keys],
+                "tenants": [t.to_json() for t in self.tenants]}
+
+
+_SUMS = ("count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), "
+         "coalesce(sum(metering = 'estimated'), 0)")
+
+
+def usage(conn: sqlite3.Connection, *, tenant: str | None = None, key: str | None = None,
+          since: float | None = None) -> UsageReport:
+    """Requests and tokens per key and per tenant over the matching rows (the filters apply
+    to both lists), read in one transaction so the two agree. Unauthenticated requests
+    (no key) are not counted."""
+    where, params = ["key_id IS NOT NULL"], []
+    for clause, value in (("tenant = ?", tenant), ("key_id = ?", key), ("at >= ?", since)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    condition = " AND ".join(where)
+    conn.execute("BEGIN")
+    try:
+        key_rows = conn.execute(
+            f"SELECT key_id, tenant, {_SUMS} FROM audit WHERE {condition} "
+            "GROUP BY key_id, tenant ORDER BY key_id, tenant", params).fetchall()
+        tenant_rows = conn.execute(
+            f"SELECT tenant, NULL, {_SUMS} FROM audit WHERE {condition} AND tenant IS NOT NULL "
+            "GROUP BY tenant ORDER BY tenant", params).fetchall()
+    finally:
+        conn.execute("ROLLBACK")
+    return UsageReport(since, [UsageTotal(*row) for row in key_rows],
+                       [UsageTotal(*row) for row in tenant_rows])

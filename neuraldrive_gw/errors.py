@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -166,6 +167,55 @@ class UpstreamTimeout(GatewayError):
     openai_type = "api_error"
     openai_code = "upstream_timeout"
     anthropic_type = "timeout_error"
+
+
+
+def retry_headers(seconds: float) -> dict[str, str]:
+    """`retry-after` (whole seconds, at least 1) and `retry-after-ms` for a wait of `seconds`."""
+    # Rounded to the microsecond first, so float noise (0.1 s → 100.0000001 ms) is not a ms.
+    millis = max(1, math.ceil(round(max(seconds, 0.0) * 1000, 3)))
+    return {"retry-after": str(max(1, math.ceil(millis / 1000))), "retry-after-ms": str(millis)}
+
+
+class RateLimited(GatewayError):
+    """A per-minute bucket or a concurrency cap said no; trying again later will work."""
+
+    status = 429
+    message = "rate limit reached; retry after the time in the Retry-After header"
+    openai_type = "rate_limit_error"
+    openai_code = "rate_limit_exceeded"
+    anthropic_type = "rate_limit_error"
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float = 1.0,
+                 headers: Mapping[str, str] | None = None):
+        super().__init__(message, headers={**(headers or {}), **retry_headers(retry_after_s)})
+
+
+class TooManyConcurrent(RateLimited):
+    message = "too many concurrent requests for this key"
+    openai_code = "concurrency_limit_exceeded"
+
+
+class BudgetExhausted(GatewayError):
+    """The token budget for the period is spent: retrying before the reset cannot succeed."""
+
+    status = 429
+    message = "token budget exhausted for this period"
+    openai_type = "insufficient_quota"
+    openai_code = "insufficient_quota"
+    anthropic_type = "rate_limit_error"
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float = 1.0,
+                 headers: Mapping[str, str] | None = None):
+        super().__init__(message, headers={**(headers or {}), **retry_headers(retry_after_s),
+                                           "x-should-retry": "false"})
+
+
+class QueueTimeout(Unavailable):
+    """Waited `limits.queue_timeout_s` for a model slot without getting one."""
+
+    message = "the model server is busy; the request waited too long in the queue"
+    openai_code = "queue_timeout"
 
 
 def error_body(error: GatewayError, dialect: Dialect, request_id: str) -> bytes:

@@ -1,0 +1,337 @@
+"""Admission: every quota check for one request, then every debit, then the model slot.
+
+Contract (SPEC §8): all limits are checked before any is debited, with no await in between,
+so a refused request consumes nothing and two requests cannot both pass on the same
+headroom. The order of checks: per-key and per-tenant concurrency (429 at once), budgets
+(429 `insufficient_quota`, reported first because retrying cannot help), the key's
+requests/min bucket, the key's and the tenant's tokens/min buckets. Only then are the
+buckets debited, the budgets reserved and the concurrency counted; inference routes then
+wait for a fair-queue slot, and if that wait ends in a timeout or a cancellation every
+debit is undone. The returned Ticket is settled with the real token counts and released
+in `finally`; release is idempotent and frees the concurrency counts and the slot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..clock import Clock
+from ..config import Config, KeyDefaults
+from ..errors import BudgetExhausted, RateLimited, TooManyConcurrent
+from ..principals import Principal, Tenant
+from .budgets import BudgetLedger, Reservation, Scope, format_reset, reset_time
+from .buckets import TokenBucket
+from .fairqueue import FairQueue, Slot
+
+MASTER_QUEUE_TENANT = ""       # tenant names are never empty; the master key waits as its own
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One scope's limits; None means unlimited."""
+
+    requests_per_min: int | None = None
+    tokens_per_min: int | None = None
+    token_budget: int | None = None
+    budget_period: str = "day"
+    max_concurrent: int | None = None
+
+
+UNLIMITED = Limits()
+
+
+def key_limits(principal: Principal, defaults: KeyDefaults) -> Limits:
+    """A key's own limits where set, the configured defaults elsewhere; master: unlimited."""
+    record = principal.record
+    if record is None:
+        return UNLIMITED
+
+    def pick(own: int | None, default: int | None) -> int | None:
+        return default if own is None else own
+
+    return Limits(requests_per_min=pick(record.requests_per_min, defaults.requests_per_min),
+                  tokens_per_min=pick(record.tokens_per_min, defaults.tokens_per_min),
+                  token_budget=pick(record.token_budget, defaults.token_budget),
+                  budget_period=record.budget_period or defaults.budget_period,
+                  max_concurrent=pick(record.max_concurrent, defaults.max_concurrent))
+
+
+def tenant_limits(tenant: Tenant, default_period: str) -> Limits:
+    """A tenant's limits: exactly what is set on it (tenants are unlimited by default)."""
+    return Limits(tokens_per_min=tenant.tokens_per_min, token_budget=tenant.token_budget,
+                  budget_period=tenant.budget_period or default_period,
+                  max_concurrent=tenant.max_concurrent)
+
+
+def openai_duration(seconds: float) -> str:
+    """A wait as OpenAI spells it in `x-ratelimit-reset-*`: "250ms", "1.5s", "6m0s", "1h0m0s"
+    (Go duration syntax, rounded up to the millisecond so it never promises too early)."""
+    millis = max(0, math.ceil(round(seconds * 1000, 3))) if math.isfinite(seconds) else 0
+    if millis < 1000:
+        return f"{millis}ms" if millis else "0s"
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest // 1000}s" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{secs}"
+    if minutes:
+        return f"{minutes}m{secs}"
+    return secs
+
+
+class Ticket:
+    """What one admitted request holds: bucket debits, budget reservations, concurrency
+    counts and (inference routes) a model slot."""
+
+    def __init__(self, admission: Admission, principal: Principal, estimate: int):
+        self._admission = admission
+        self.principal = principal
+        self.estimate = estimate
+        self.headers: dict[str, str] = {}
+        self.slot: Slot | None = None
+        self.metering: str | None = None     # "counted" or "estimated" once settle() is called
+        self._request_debit: tuple[TokenBucket, float] | None = None
+        self._token_debits: list[tuple[TokenBucket, float]] = []
+        self._reservations: list[Reservation] = []
+        self._counted: list[tuple[dict[str, int], str]] = []
+        self._settled = False
+        self._released = False
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def settle(self, prompt_tokens: int, completion_tokens: int, estimated: bool = False) -> None:
+        """Charge the real use: buckets get back (or are charged) the difference from what
+        was taken, budgets turn the reservation into spend. Once only; call before release."""
+        if self._released:
+            raise RuntimeError("settle() after release(): the reservation was already freed")
+        if self._settled:
+            return
+        self._settled = True
+        self.metering = "estimated" if estimated else "counted"
+        actual = max(0, int(prompt_tokens)) + max(0, int(completion_tokens))
+        for bucket, taken in self._token_debits:
+            if actual < taken:
+                bucket.give_back(taken - actual)
+            elif actual > taken:
+                bucket.charge(actual - taken)
+        for reservation in self._reservations:
+            self._admission.ledger.settle(reservation, actual)
+        self._admission._settled(actual, estimated)
+
+    def release(self) -> None:
+        """Free the slot and concurrency counts; an unsettled ticket is settled at zero (the
+        request never reached the model). Idempotent; call in `finally`."""
+        if self._released:
+            return
+        if not self._settled:
+            self.settle(0, 0)
+            self.metering = None
+        self._released = True
+        self._free()
+
+    def _rollback(self) -> None:
+        """Undo every debit, the request count included (the request never ran)."""
+        self._released = self._settled = True
+        if self._request_debit is not None:
+            self._request_debit[0].give_back(self._request_debit[1])
+        for bucket, taken in self._token_debits:
+            bucket.give_back(taken)
+        for reservation in self._reservations:
+            self._admission.ledger.release(reservation)
+        self._free()
+
+    def _free(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
+        for counts, name in self._counted:
+            left = counts[name] - 1
+            if left:
+                counts[name] = left
+            else:
+                del counts[name]
+        self._counted.clear()
+
+
+class Admission:
+    """Holds the in-memory quota state of the daemon and admits requests against it."""
+
+    def __init__(self, config: Config, clock: Clock, fairqueue: FairQueue,
+                 ledger: BudgetLedger):
+        self.config = config
+        self.clock = clock
+        self.queue = fairqueue
+        self.ledger = ledger
+        self._key_requests: dict[str, TokenBucket] = {}
+        self._key_tokens: dict[str, TokenBucket] = {}
+        self._tenant_tokens: dict[str, TokenBucket] = {}
+        self._key_active: dict[str, int] = {}
+        self._tenant_active: dict[str, int] = {}
+        self._budgets: dict[Scope, tuple[int, str]] = {}      # last seen, for status
+        self.counters: dict[str, int] = {"admitted": 0, "rejected_concurrency": 0,
+                                         "rejected_budget": 0, "rejected_rate": 0,
+                                         "queue_abandoned": 0, "settled_tokens": 0,
+                                         "settled_estimated": 0}
+
+    # -- limits ----------------------------------------------------------------------------
+
+    def limits_for(self, principal: Principal) -> tuple[Limits, Limits | None]:
+        """(key limits, tenant limits or None for the master key)."""
+        defaults = self.config.limits.key_defaults
+        record = principal.record
+        tenant = None if record is None else tenant_limits(record.tenant, defaults.budget_period)
+        return key_limits(principal, defaults), tenant
+
+    def _bucket(self, table: dict[str, TokenBucket], name: str,
+                per_min: int | None) -> TokenBucket | None:
+        if per_min is None:
+            table.pop(name, None)
+            return None
+        bucket = table.get(name)
+        capacity = max(per_min, 1)       # a limit of 0 refills never: everything waits
+        if bucket is None:
+            bucket = table[name] = TokenBucket(capacity, max(per_min, 0), self.clock.monotonic)
+        elif bucket.capacity != capacity or bucket.per_minute != max(per_min, 0):
+            bucket.reconfigure(capacity, max(per_min, 0))
+        return bucket
+
+    def _scopes(self, principal: Principal, key: Limits,
+                tenant: Limits | None) -> list[tuple[Scope, Limits]]:
+        scopes: list[tuple[Scope, Limits]] = [(("key", principal.key_id), key)]
+        if tenant is not None and principal.tenant is not None:
+            scopes.append((("tenant", principal.tenant), tenant))
+        return scopes
+
+    def budget_headroom(self, principal: Principal) -> int | None:
+        """Tokens the caller may still reserve this period (None: no budget). The pipeline may
+        lower the output cap to fit, instead of refusing outright."""
+        key, tenant = self.limits_for(principal)
+        now = self.clock.time()
+        left = [self.ledger.remaining(scope, lim.token_budget, lim.budget_period, now)
+                for scope, lim in self._scopes(principal, key, tenant)
+                if lim.token_budget is not None]
+        return min(left) if left else None
+
+    # -- admitting -------------------------------------------------------------------------
+
+    async def admit(self, principal: Principal, route_inference: bool,
+                    estimate_tokens: int) -> Ticket:
+        """Check every limit, debit them all, then (inference) wait for a model slot.
+        Raises TooManyConcurrent, BudgetExhausted, RateLimited or QueueTimeout."""
+        estimate = max(0, int(estimate_tokens))
+        key_lim, tenant_lim = self.limits_for(principal)
+        key_id, tenant = principal.key_id, principal.tenant
+        requests = self._bucket(self._key_requests, key_id, key_lim.requests_per_min)
+        tokens = [b for b in (self._bucket(self._key_tokens, key_id, key_lim.tokens_per_min),
+                              None if tenant is None or tenant_lim is None else
+                              self._bucket(self._tenant_tokens, tenant, tenant_lim.tokens_per_min))
+                  if b is not None]
+        scopes = self._scopes(principal, key_lim, tenant_lim)
+
+        # 1. Checks. Nothing below mutates quota state until every check has passed.
+        headers = self._headers(requests, tokens)
+        for (kind, name), lim in scopes:
+            active = (self._key_active if kind == "key" else self._tenant_active).get(name, 0)
+            if lim.max_concurrent is not None and active >= lim.max_concurrent:
+                self.counters["rejected_concurrency"] += 1
+                raise TooManyConcurrent(f"too many concurrent requests for this {kind}",
+                                        headers=headers)
+        now = self.clock.time()
+        # A request that reserves no tokens (listings, show) is not held to token limits.
+        budgets = [(scope, lim.token_budget, lim.budget_period) for scope, lim in scopes
+                   if lim.token_budget is not None and estimate > 0]
+        for scope, budget, period in budgets:
+            self._budgets[scope] = (budget, period)
+            if not self.ledger.can_reserve(scope, budget, period, estimate, now):
+                self.counters["rejected_budget"] += 1
+                raise BudgetExhausted(
+                    f"token budget exhausted for this {scope[0]}; it resets at "
+                    f"{format_reset(period, now)}",
+                    retry_after_s=reset_time(period, now) - now, headers=headers)
+        if requests is not None and not requests.can_take(1):
+            self.counters["rejected_rate"] += 1
+            raise RateLimited("request rate limit reached for this key",
+                              retry_after_s=requests.seconds_until(1), headers=headers)
+        for bucket in tokens if estimate > 0 else []:
+            if not bucket.can_take(estimate):
+                self.counters["rejected_rate"] += 1
+                raise RateLimited("token rate limit reached",
+                                  retry_after_s=bucket.seconds_until(estimate), headers=headers)
+
+        # 2. Debits: all of them, with no await since the checks.
+        ticket = Ticket(self, principal, estimate)
+        if requests is not None:
+            ticket._request_debit = (requests, requests.take(1))
+        if estimate > 0:
+            ticket._token_debits = [(bucket, bucket.take(estimate)) for bucket in tokens]
+        ticket._reservations = [self.ledger.reserve(scope, period, estimate, now)
+                                for scope, _, period in budgets]
+        for (kind, name), _ in scopes:
+            counts = self._key_active if kind == "key" else self._tenant_active
+            counts[name] = counts.get(name, 0) + 1
+            ticket._counted.append((counts, name))
+        ticket.headers = self._headers(requests, tokens)
+        self.counters["admitted"] += 1
+
+        # 3. The model slot: may wait; a timeout or a cancellation undoes everything.
+        if route_inference:
+            weight = 1 if principal.record is None else principal.record.tenant.weight
+            try:
+                ticket.slot = await self.queue.acquire(
+                    tenant if tenant is not None else MASTER_QUEUE_TENANT, weight, key_id,
+                    self.config.limits.queue_timeout_s)
+            except BaseException:
+                self.counters["queue_abandoned"] += 1
+                ticket._rollback()
+                raise
+        return ticket
+
+    def _settled(self, actual: int, estimated: bool) -> None:
+        self.counters["settled_tokens"] += actual
+        if estimated:
+            self.counters["settled_estimated"] += 1
+
+    @staticmethod
+    def _headers(requests: TokenBucket | None, tokens: list[TokenBucket]) -> dict[str, str]:
+        """`x-ratelimit-*` for the key's request bucket and the tightest token bucket;
+        a dimension without a limit (the master key) has no headers."""
+        headers: dict[str, str] = {}
+        tightest = min(tokens, key=lambda b: b.level()) if tokens else None
+        for kind, bucket in (("requests", requests), ("tokens", tightest)):
+            if bucket is None:
+                continue
+            headers[f"x-ratelimit-limit-{kind}"] = str(int(bucket.capacity))
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level())))
+            headers[f"x-ratelimit-reset-{kind}"] = openai_duration(bucket.seconds_until_full())
+        return headers
+
+    # -- status ----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        """Plain data for the status socket and for tests that look for leaks."""
+        now = self.clock.time()
+
+        def levels(table: dict[str, TokenBucket]) -> dict[str, dict[str, float]]:
+            return {name: {"level": round(b.level(), 3), "capacity": b.capacity}
+                    for name, b in sorted(table.items())}
+
+        budgets = [{"scope": scope[0], "name": scope[1], "budget": budget, "period": period,
+                    "left": self.ledger.remaining(scope, budget, period, now)}
+                   for scope, (budget, period) in sorted(self._budgets.items())]
+        return {"in_flight_by_key": dict(self._key_active),
+                "in_flight_by_tenant": dict(self._tenant_active),
+                "queue": self.queue.snapshot(),
+                "buckets": {"key_requests": levels(self._key_requests),
+                            "key_tokens": levels(self._key_tokens),
+                            "tenant_tokens": levels(self._tenant_tokens)},
+                "budgets": budgets,
+                "ledger": self.ledger.snapshot(),
+                "open_reservations": self.ledger.open_reservations,
+                "counters": dict(self.counters)}
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -20,12 +21,16 @@ from aiohttp import web
 
 from . import keys, store
 from .appkeys import PIPELINE
+from .audit import AuditWriter, spend_since
 from .auth import Authenticator, KeyVerifier, MasterKey
 from .clock import Clock, SystemClock
 from .config import Config
 from .pipeline import Pipeline
 from .policy import Catalog, ModelPolicy
 from .proxy import ClientWatch, Upstream
+from .quotas.admission import Admission
+from .quotas.budgets import BudgetLedger, period_key
+from .quotas.fairqueue import FairQueue
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +59,12 @@ def create_app(config: Config, *, clock: Clock | None = None,
     master = MasterKey(config.paths.master_key_file)
     verifier = KeyVerifier(monotonic=clock.monotonic, wall=clock.time, verify=verify)
     catalog = Catalog(ttl_s=config.upstream.discovery_ttl_s, monotonic=clock.monotonic)
+    ledger = BudgetLedger()
+    admission = Admission(config, clock, FairQueue(config.upstream.max_parallel), ledger)
     pipeline = Pipeline(config, auth=Authenticator(master, verifier),
                         policy=ModelPolicy(catalog, allow_cloud_models=config.allow_cloud_models),
-                        watch=ClientWatch(), monotonic=clock.monotonic)
+                        watch=ClientWatch(), admission=admission, monotonic=clock.monotonic,
+                        wall=clock.time)
 
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app[PIPELINE] = pipeline
@@ -65,6 +73,7 @@ def create_app(config: Config, *, clock: Clock | None = None,
     app.on_shutdown.append(lambda _app: pipeline.watch.drain(config.shutdown_grace_s))
     app.cleanup_ctx.extend([
         _key_store(config, verifier),
+        _accounting(config, pipeline, ledger, clock),
         _master_key(master),
         _upstream(config, pipeline, clock),
         _discovery(config, pipeline, catalog),
@@ -134,6 +143,42 @@ async def _poll_auth(conn: Any, verifier: KeyVerifier) -> None:
             if healthy:
                 log.warning("key store unreadable: %s", exc)
             healthy = False
+
+
+def _accounting(config: Config, pipeline: Pipeline, ledger: BudgetLedger,
+                clock: Clock) -> CleanupCtx:
+    """The audit writer, and budget spend rebuilt from the audit log (SPEC §8, §10).
+
+    Stopped after the upstream session and the shutdown drain, so every request's row is
+    submitted before the final flush.
+    """
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        now = clock.time()
+        conn = await store.open_async(config.paths.database)
+        try:
+            rows = []
+            for period in ("day", "month"):
+                start = _period_start(period, now)
+                for kind, name, tokens in await spend_since(conn, start):
+                    rows.append(((kind, name), period_key(period, now), tokens))
+        finally:
+            await conn.close()
+        ledger.load(rows)
+        writer = AuditWriter(config.paths.database)
+        await writer.start()
+        pipeline.audit = writer
+        yield
+        pipeline.audit = None
+        await writer.close()
+    return ctx
+
+
+def _period_start(period: str, now: float) -> float:
+    moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "month":
+        start = start.replace(day=1)
+    return start.timestamp()
 
 
 def _master_key(master: MasterKey) -> CleanupCtx:

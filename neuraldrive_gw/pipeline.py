@@ -1,17 +1,20 @@
 """The request pipeline (SPEC §3), one request at a time, in order.
 
     1 request id → 2 canonical target and route → 4 authenticate → 5 endpoint policy
-    → 6 body (size, time, strict JSON) → 7 model policy → 8 shaping → 10 forward/relay
+    → 6 body (size, time, strict JSON) → 7 model policy → 8 shaping → 9 admission
+    (concurrency, fair queue, buckets, budgets) → 10 forward/relay → 11 settle, release,
+    audit row
 
-(Step 3, the per-IP auth-failure limiter, and step 9, admission, belong to the quota
-subsystem and slot in where the comments say.) Every refusal is a GatewayError rendered in
-the route's dialect; every response carries X-Request-ID.
+(Step 3, the per-IP auth-failure limiter, slots in where the comment says.) Every refusal
+is a GatewayError rendered in the route's dialect; every response carries X-Request-ID,
+and every authenticated one the x-ratelimit-* headers computed at admission.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from functools import partial
@@ -20,6 +23,8 @@ import aiohttp
 from aiohttp import web
 
 from . import clientip
+from .audit import AuditWriter
+from .auditchain import AuditRecord
 from .auth import Authenticator
 from .body import BodyError, ShapedRequest, ShapeLimits, parse_json_body, serialise, shape_request
 from .config import Config
@@ -29,8 +34,9 @@ from .intake import read_body
 from .metering import meter_for
 from .policy import ModelPolicy
 from .principals import Principal
+from .quotas.admission import Admission, Ticket
 from .proxy import ClientWatch, Outcome, Upstream, check_status, relay_buffered, relay_stream
-from .routes import MODEL_PREFIX, Route, Target, canonical_path, resolve
+from .routes import MODEL_PREFIX, Route, canonical_path, resolve
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("neuraldrive_gw.access")
@@ -44,11 +50,15 @@ class Pipeline:
     """Holds the request-path components and handles every request of the app."""
 
     def __init__(self, config: Config, *, auth: Authenticator, policy: ModelPolicy,
-                 watch: ClientWatch, monotonic: Callable[[], float]):
+                 watch: ClientWatch, admission: Admission, monotonic: Callable[[], float],
+                 wall: Callable[[], float] = time.time):
         self.config = config
         self.auth = auth
         self.policy = policy
         self.watch = watch
+        self.admission = admission
+        self.audit: AuditWriter | None = None      # set by the app's accounting lifecycle
+        self.wall = wall
         self.upstream: Upstream | None = None        # set by the app's upstream lifecycle
         self.monotonic = monotonic
         self.limits = ShapeLimits(num_predict_cap=config.limits.num_predict_cap,
@@ -62,6 +72,7 @@ class Pipeline:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         request_id = str(uuid.uuid4())
         started = self.monotonic()
+        arrived = self.wall()
         raw_path = request.raw_path.split("?", 1)[0]
         dialect = dialect_for_path(raw_path)
         info: dict[str, object] = {}
@@ -80,14 +91,43 @@ class Pipeline:
             status = response.status if response is not None else 499
             if response is not None and not response.prepared:
                 response.headers["X-Request-ID"] = request_id
+                rate_headers = info.get("rate_headers")
+                if isinstance(rate_headers, dict):
+                    for name, value in rate_headers.items():
+                        response.headers.setdefault(name, value)
             self.requests_by_status[status] = self.requests_by_status.get(status, 0) + 1
+            duration_ms = (self.monotonic() - started) * 1000
+            client = self._client_ip(request)
             access_log.info(
                 "rid=%s ip=%s method=%s path=%s status=%d key=%s model=%s stream=%s "
-                "outcome=%s ms=%.1f", request_id, self._client_ip(request), request.method,
+                "outcome=%s ms=%.1f", request_id, client, request.method,
                 info.get("path", "-"), status, info.get("key", "-"), info.get("model", "-"),
-                info.get("stream", "-"), info.get("reason", "ok"),
-                (self.monotonic() - started) * 1000)
+                info.get("stream", "-"), info.get("reason", "ok"), duration_ms)
+            self._audit(request_id, arrived, client, request.method, status, info,
+                        duration_ms, started)
         return response
+
+    def _audit(self, request_id: str, arrived: float, client: str, method: str, status: int,
+               info: dict[str, object], duration_ms: float, started: float) -> None:
+        """Hand one row to the audit writer (never blocks; the writer batches)."""
+        if self.audit is None:
+            return
+        outcome = info.get("outcome")
+        first = outcome.first_byte_at if isinstance(outcome, Outcome) else None
+        tokens = info.get("tokens")
+        prompt, completion = tokens if isinstance(tokens, tuple) else (0, 0)
+        self.audit.submit(AuditRecord(
+            request_id=request_id, at=arrived,
+            key_id=str(info["key"]) if "key" in info else None,
+            tenant=str(info["tenant"]) if info.get("tenant") else None,
+            client_ip=client, method=method, route=str(info.get("path", "-")),
+            model=str(info["model"]) if "model" in info else None, status=status,
+            outcome=str(info.get("reason", "ok")), stream=bool(info.get("stream", False)),
+            prompt_tokens=int(prompt), completion_tokens=int(completion),
+            metering=str(info.get("metering", "none")),
+            bytes_out=outcome.bytes_out if isinstance(outcome, Outcome) else 0,
+            ttfb_ms=None if first is None else (first - started) * 1000,
+            duration_ms=duration_ms))
 
     def _client_ip(self, request: web.BaseRequest) -> str:
         transport = request.transport
@@ -108,6 +148,7 @@ class Pipeline:
             return self._health(route)
         principal = await self.auth.authenticate(request.headers)
         info["key"] = principal.key_id
+        info["tenant"] = principal.tenant
         if route is None:
             raise EndpointBlocked()
         body: bytes | None = None
@@ -118,9 +159,45 @@ class Pipeline:
             body = serialise(shaped.body)
         elif route.path_model and target.model is not None:
             upstream_path = MODEL_PREFIX + self.policy.resolve(principal, target.model)
-        # Admission (concurrency, fair queue, buckets, budgets) goes here: SPEC §8.
-        return await self._forward(request, request_id, route, target, upstream_path, body,
-                                   shaped, principal, info)
+        estimate = 0
+        if route.inference:
+            if self.audit is None or not self.audit.healthy:
+                # Fail closed: usage that cannot be recorded cannot be charged (SPEC §8).
+                raise Unavailable("usage cannot be recorded right now")
+            # An upper bound (a token is at least a byte), so reservations cannot be
+            # overspent by concurrent requests; the difference is refunded at settlement.
+            estimate = len(body or b"") + (shaped.output_cap if shaped is not None else 0)
+        ticket = await self.admission.admit(principal, route.inference, estimate)
+        info["rate_headers"] = ticket.headers
+        outcome = Outcome()
+        info["outcome"] = outcome
+        try:
+            return await self._forward(request, request_id, route, upstream_path, body,
+                                       shaped, principal, info, outcome, ticket.headers)
+        finally:
+            if route.inference:
+                self._settle(ticket, outcome, body, shaped, info)
+            ticket.release()
+
+    @staticmethod
+    def _settle(ticket: Ticket, outcome: Outcome, body: bytes | None,
+                shaped: ShapedRequest | None, info: dict[str, object]) -> None:
+        """Charge what the request really used (SPEC §7): exact counts when the answer
+        carried final ones, else an estimate, marked as such."""
+        if outcome.upstream_status is None:
+            return                    # never reached Ollama: nothing to charge
+        usage = outcome.usage
+        if usage is not None and outcome.complete:
+            prompt, completion, quality = usage.prompt_tokens, usage.completion_tokens, "exact"
+        else:
+            cap = shaped.output_cap if shaped is not None else 0
+            prompt = usage.prompt_tokens if usage is not None else len(body or b"") // 4
+            completion = usage.completion_tokens if usage is not None and \
+                usage.completion_tokens else min(cap, outcome.bytes_out // 16)
+            quality = "estimated"
+        ticket.settle(prompt, completion, estimated=quality == "estimated")
+        info["tokens"] = (prompt, completion)
+        info["metering"] = quality
 
     async def _shape(self, request: web.Request, route: Route, principal: Principal,
                      info: dict[str, object]) -> ShapedRequest:
@@ -141,13 +218,12 @@ class Pipeline:
         return shaped
 
     async def _forward(self, request: web.Request, request_id: str, route: Route,
-                       target: Target, upstream_path: str, body: bytes | None,
-                       shaped: ShapedRequest | None, principal: Principal,
-                       info: dict[str, object]) -> web.StreamResponse:
+                       upstream_path: str, body: bytes | None, shaped: ShapedRequest | None,
+                       principal: Principal, info: dict[str, object], outcome: Outcome,
+                       extra: dict[str, str]) -> web.StreamResponse:
         upstream = self.upstream
         if upstream is None:
             raise Unavailable("the gateway is starting")
-        outcome = Outcome()
         task = self.watch.add(request)
         resp: aiohttp.ClientResponse | None = None
         try:
@@ -159,13 +235,13 @@ class Pipeline:
                 strip = (shaped is not None and shaped.stream and not shaped.client_wants_usage
                          and route.name in _USAGE_STRIPPABLE)
                 meter = meter_for(route.name, strip_usage=strip)
-                return await relay_stream(request, resp, meter, request_id, outcome,
+                return await relay_stream(request, resp, meter, request_id, outcome, extra,
                                           self.monotonic)
             transform = None
             if route.listing is not None and request.method == "GET":
                 transform = partial(self.policy.filter_listing, route.listing, principal)
             return await relay_buffered(request, resp, route.name, request_id, outcome,
-                                        transform)
+                                        extra, transform)
         finally:
             self.watch.discard(task)
             if outcome.error:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -149,12 +149,12 @@ def check_status(resp: aiohttp.ClientResponse, *, model_route: bool) -> None:
     raise error
 
 
-def response_headers(resp: aiohttp.ClientResponse, request_id: str) -> dict[str, str]:
+def response_headers(resp: aiohttp.ClientResponse, request_id: str,
+                     extra: Mapping[str, str]) -> dict[str, str]:
     content_type = resp.headers.get("Content-Type", "application/json")
     if not content_type.startswith(_PASS_CONTENT_TYPES):
         content_type = "application/octet-stream"
-    headers = {"Content-Type": content_type, "X-Request-ID": request_id}
-    return headers
+    return {**extra, "Content-Type": content_type, "X-Request-ID": request_id}
 
 
 async def read_body(resp: aiohttp.ClientResponse) -> bytes:
@@ -177,7 +177,7 @@ async def read_body(resp: aiohttp.ClientResponse) -> bytes:
 
 
 async def relay_buffered(request: web.BaseRequest, resp: aiohttp.ClientResponse, route: str,
-                         request_id: str, outcome: Outcome,
+                         request_id: str, outcome: Outcome, extra: Mapping[str, str],
                          transform: Callable[[bytes], bytes] | None = None) -> web.Response:
     """Relay a non-streaming answer (after metering it and, for listings, filtering it)."""
     body = await read_body(resp)
@@ -191,14 +191,15 @@ async def relay_buffered(request: web.BaseRequest, resp: aiohttp.ClientResponse,
     outcome.bytes_out = len(body)
     if request.method == "HEAD":
         body = b""
-    return web.Response(status=resp.status, body=body, headers=response_headers(resp, request_id))
+    return web.Response(status=resp.status, body=body,
+                        headers=response_headers(resp, request_id, extra))
 
 
 async def relay_stream(request: web.BaseRequest, resp: aiohttp.ClientResponse, meter: StreamMeter,
-                       request_id: str, outcome: Outcome,
+                       request_id: str, outcome: Outcome, extra: Mapping[str, str],
                        monotonic: Callable[[], float]) -> web.StreamResponse:
     """Relay a stream chunk by chunk as it arrives; end a broken one with an error frame."""
-    headers = response_headers(resp, request_id)
+    headers = response_headers(resp, request_id, extra)
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
     out = web.StreamResponse(status=resp.status, headers=headers)

@@ -96,23 +96,31 @@ class KeyInfo:
 # -- input parsing ------------------------------------------------------------------------
 
 
-def parse_expiry(text: str, now: float) -> float:
-    """`30d` / `12h` / `90m` / `2w` from `now`, or an ISO 8601 time (no zone = UTC)."""
+def parse_moment(text: str, now: float, *, sign: int, what: str, examples: str) -> float:
+    """A duration (`30d`, `12h`, `90m`, `2w`) counted from `now` in direction `sign`
+    (+1 future, -1 past), or an ISO 8601 date/time (no zone = UTC). AdminError names
+    `what` and shows `examples` when the text is neither."""
     text = text.strip()
     match = _DURATION.fullmatch(text)
     if match:
         amount = int(match.group(1))
         if amount == 0:
-            raise AdminError("expiry duration must be positive")
-        return now + amount * _UNIT_S[match.group(2)]
+            raise AdminError(f"{what} duration must be positive" if sign > 0 else
+                             f"invalid {what} {text!r}: a duration must be positive")
+        return now + sign * amount * _UNIT_S[match.group(2)]
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise AdminError(f"invalid expiry {text!r}: use e.g. 30d, 12h, 90m, 2w or "
-                         "2027-01-01T00:00:00Z") from None
+        raise AdminError(f"invalid {what} {text!r}: use e.g. {examples}") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     return when.timestamp()
+
+
+def parse_expiry(text: str, now: float) -> float:
+    """`30d` / `12h` / `90m` / `2w` from `now`, or an ISO 8601 time (no zone = UTC)."""
+    return parse_moment(text, now, sign=+1, what="expiry",
+                        examples="30d, 12h, 90m, 2w or 2027-01-01T00:00:00Z")
 
 
 def _check_tenant_name(name: str) -> None:

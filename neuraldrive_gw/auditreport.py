@@ -3,37 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 import sqlite3
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .admin import AdminError
+from .admin import parse_moment
 from .auditchain import AuditRecord
 from .auditchain import COLUMNS
-
-_DURATION = re.compile(r"([0-9]{1,6})([mhdw])", re.ASCII)
-_UNIT_S = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
 
 def parse_time(text: str, now: float) -> float:
     """A point in the past: a duration back from `now` (`90d`, `12h`, `30m`, `2w`), a UTC
     date (`2026-11-01`: its midnight) or an ISO 8601 time (no zone = UTC)."""
-    text = text.strip()
-    match = _DURATION.fullmatch(text)
-    if match:
-        amount = int(match.group(1))
-        if amount == 0:
-            raise AdminError(f"invalid time {text!r}: a duration must be positive")
-        return now - amount * _UNIT_S[match.group(2)]
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise AdminError(f"invalid time {text!r}: use e.g. 7d, 12h, 30m, 2w, 2026-11-01 "
-                         "or 2026-11-01T12:00:00Z") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.timestamp()
+    return parse_moment(text, now, sign=-1, what="time",
+                        examples="7d, 12h, 30m, 2w, 2026-11-01 or 2026-11-01T12:00:00Z")
 
 
 def iso_ms(ts: float) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 
 from neuraldrive_gw import admin, store
 from neuraldrive_gw.app import SERVER_OPTIONS, create_app
@@ -34,6 +35,15 @@ EMBED_MODEL = "nomic-embed-text:latest"
 
 def pytest_report_header() -> list[str]:
     return [f"aiohttp {aiohttp.__version__} from {os.path.dirname(aiohttp.__file__)}"]
+
+
+def cli_runner() -> CliRunner:
+    """A CliRunner keeping stderr apart: click 8.1 mixes it into stdout unless told not
+    to; 8.2+ always keeps both (and has no mix_stderr argument)."""
+    try:
+        return CliRunner(mix_stderr=False)      # type: ignore[call-arg]
+    except TypeError:
+        return CliRunner()
 
 
 class FakeClock:

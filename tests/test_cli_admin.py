@@ -19,6 +19,8 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from conftest import cli_runner
+
 from neuraldrive_gw import keys as keyfmt
 from neuraldrive_gw import store
 from neuraldrive_gw.cli.db import init_db
@@ -31,20 +33,12 @@ CLOUD = "registry.ollama.ai/library/gpt-oss:120b-cloud"
 TOKEN = re.compile(r"nd-[A-Za-z0-9]{32}")
 
 
-def _runner() -> CliRunner:
-    # click 8.1 mixes stderr into stdout unless told not to; 8.2+ always keeps both.
-    try:
-        return CliRunner(mix_stderr=False)      # type: ignore[call-arg]
-    except TypeError:
-        return CliRunner()
-
-
 @dataclass
 class Cli:
     tmp: Path
     db: str
     config: str
-    runner: CliRunner = field(default_factory=_runner)
+    runner: CliRunner = field(default_factory=cli_runner)
     results: list[Result] = field(default_factory=list)
 
     def __call__(self, command: click.Command, *args: str, code: int = 0,

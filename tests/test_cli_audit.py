@@ -18,6 +18,8 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from conftest import cli_runner
+
 from neuraldrive_gw import store
 from neuraldrive_gw.admin import AdminError
 from neuraldrive_gw.audit import AuditRecord, AuditWriter
@@ -29,20 +31,12 @@ REPO = Path(__file__).resolve().parent.parent
 DAY = 86400.0
 
 
-def _runner() -> CliRunner:
-    # click 8.1 mixes stderr into stdout unless told not to; 8.2+ always keeps both.
-    try:
-        return CliRunner(mix_stderr=False)      # type: ignore[call-arg]
-    except TypeError:
-        return CliRunner()
-
-
 @dataclass
 class Cli:
     tmp: Path
     db: str
     config: str
-    runner: CliRunner = field(default_factory=_runner)
+    runner: CliRunner = field(default_factory=cli_runner)
 
     def __call__(self, command: click.Command, *args: str, code: int = 0) -> Result:
         result = self.runner.invoke(command, [*args, "--config", self.config],
@@ -104,7 +98,7 @@ def rec(i: int, at: float, **changes: Any) -> AuditRecord:
 
 
 def test_the_commands_are_registered() -> None:
-    result = _runner().invoke(main, ["--help"])
+    result = cli_runner().invoke(main, ["--help"])
     assert result.exit_code == 0
     assert "audit " in result.stdout and "usage " in result.stdout
 

@@ -1,12 +1,12 @@
 """The request pipeline (SPEC §3), one request at a time, in order.
 
-    1 request id → 2 canonical target and route → 4 authenticate → 5 endpoint policy
+    1 request id → 2 canonical target and route → 3 per-IP auth-failure limiter
+    → 4 authenticate → 5 endpoint policy
     → 6 body (size, time, strict JSON) → 7 model policy → 8 shaping → 9 admission
     (concurrency, fair queue, buckets, budgets) → 10 forward/relay → 11 settle, release,
     audit row
 
-(Step 3, the per-IP auth-failure limiter, slots in where the comment says.) Every refusal
-is a GatewayError rendered in the route's dialect; every response carries X-Request-ID,
+Every refusal is a GatewayError rendered in the route's dialect; every response carries X-Request-ID,
 and every authenticated one the x-ratelimit-* headers computed at admission.
 """
 
@@ -28,13 +28,14 @@ from .auditchain import AuditRecord
 from .auth import Authenticator
 from .body import BodyError, ShapedRequest, ShapeLimits, parse_json_body, serialise, shape_request
 from .config import Config
-from .errors import (BadRequest, EndpointBlocked, GatewayError, Unavailable, dialect_for_path,
-                     error_response)
+from .errors import (BadRequest, EndpointBlocked, GatewayError, TooManyCredentials,
+                     Unauthorized, Unavailable, dialect_for_path, error_response)
 from .intake import read_body
 from .metering import meter_for
 from .policy import ModelPolicy
 from .principals import Principal
 from .quotas.admission import Admission, Ticket
+from .quotas.authfailures import AuthFailureLimiter
 from .proxy import ClientWatch, Outcome, Upstream, check_status, relay_buffered, relay_stream
 from .routes import MODEL_PREFIX, Route, canonical_path, resolve
 
@@ -65,6 +66,8 @@ class Pipeline:
                                   max_num_ctx=config.limits.max_num_ctx,
                                   max_keep_alive_s=config.limits.max_keep_alive_s)
         self.trusted = clientip.parse_networks(config.trusted_proxies)
+        self.auth_failures = AuthFailureLimiter(config.limits.auth_failures_per_ip_per_min,
+                                                monotonic)
         self.requests_by_status: dict[int, int] = {}
 
     # -- entry point -----------------------------------------------------------------------
@@ -75,7 +78,8 @@ class Pipeline:
         arrived = self.wall()
         raw_path = request.raw_path.split("?", 1)[0]
         dialect = dialect_for_path(raw_path)
-        info: dict[str, object] = {}
+        client = self._client_ip(request)
+        info: dict[str, object] = {"client": client}
         response: web.StreamResponse | None = None
         try:
             response = await self._process(request, request_id, info)
@@ -97,7 +101,6 @@ class Pipeline:
                         response.headers.setdefault(name, value)
             self.requests_by_status[status] = self.requests_by_status.get(status, 0) + 1
             duration_ms = (self.monotonic() - started) * 1000
-            client = self._client_ip(request)
             access_log.info(
                 "rid=%s ip=%s method=%s path=%s status=%d key=%s model=%s stream=%s "
                 "outcome=%s ms=%.1f", request_id, client, request.method,
@@ -146,7 +149,13 @@ class Pipeline:
         route = target.route
         if route is not None and route.public:
             return self._health(route)
-        principal = await self.auth.authenticate(request.headers)
+        client = str(info["client"])
+        self.auth_failures.check(client)      # before any key work
+        try:
+            principal = await self.auth.authenticate(request.headers)
+        except (Unauthorized, TooManyCredentials):
+            self.auth_failures.failed(client)
+            raise
         info["key"] = principal.key_id
         info["tenant"] = principal.tenant
         if route is None:

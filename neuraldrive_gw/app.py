@@ -25,6 +25,7 @@ from .audit import AuditWriter, spend_since
 from .auth import Authenticator, KeyVerifier, MasterKey
 from .clock import Clock, SystemClock
 from .config import Config
+from .keystore import KeyStoreWatcher
 from .pipeline import Pipeline
 from .policy import Catalog, ModelPolicy
 from .proxy import ClientWatch, Upstream
@@ -107,42 +108,15 @@ def _key_store(config: Config, verifier: KeyVerifier) -> CleanupCtx:
         # or newer database fails start-up here, before anything listens.
         conn_sync = await asyncio.to_thread(store.open_db, config.paths.database)
         conn_sync.close()
-        conn = await store.open_async(config.paths.database)
+        watcher = KeyStoreWatcher(config.paths.database, verifier, poll_s=AUTH_POLL_S)
         try:
-            verifier.install(await store.load_auth_snapshot(conn))
-            task = asyncio.get_running_loop().create_task(_poll_auth(conn, verifier))
+            await watcher.load()
+            task = asyncio.get_running_loop().create_task(watcher.run())
             yield
             await _cancel(task)
         finally:
-            await conn.close()
+            await watcher.close()
     return ctx
-
-
-async def _poll_auth(conn: Any, verifier: KeyVerifier) -> None:
-    """Reload the key snapshot whenever another process changed keys or tenants."""
-    healthy = True
-    while True:
-        await asyncio.sleep(AUTH_POLL_S)
-        try:
-            # asyncio.timeout, not wait_for: wait_for runs the call in an inner task, and a
-            # shutdown cancelling it mid-query could hang on 3.11 (seen in tests); this way
-            # cancellation reaches the aiosqlite await directly.
-            async with asyncio.timeout(2.0):
-                revision = await store.auth_revision(conn)
-            if revision != verifier.snapshot.revision:
-                async with asyncio.timeout(10.0):
-                    verifier.install(await store.load_auth_snapshot(conn))
-                log.info("key store reloaded (revision %d, %d keys)", revision,
-                         len(verifier.snapshot.keys))
-            else:
-                verifier.mark_fresh()
-            if not healthy:
-                log.warning("key store readable again")
-            healthy = True
-        except Exception as exc:    # any failure: keep polling; staleness fails closed
-            if healthy:
-                log.warning("key store unreadable: %s", exc)
-            healthy = False
 
 
 def _accounting(config: Config, pipeline: Pipeline, ledger: BudgetLedger,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import sqlite3
 from collections import deque
 from typing import Any
@@ -29,6 +28,7 @@ import aiosqlite
 
 from . import store
 from .auditchain import INSERT, AuditRecord, content_json, row_hash
+from .dbfile import FileIdentity
 from .store import StoreError
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,7 @@ class AuditWriter:
         self._retry_max_s = retry_max_s
         self._queue: deque[_Pending] = deque()
         self._conn: aiosqlite.Connection | None = None
-        self._file: tuple[int, int] | None = None        # (st_dev, st_ino) of the open file
-        self._file_size = 0                               # the largest size seen since
+        self._file = FileIdentity(path)                  # the file the connection uses
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()          # rows arrived, or closing
         self._retry_now = asyncio.Event()     # flush()/close(): skip the backoff
@@ -345,8 +344,7 @@ class AuditWriter:
     async def _open(self) -> aiosqlite.Connection:
         conn = await store.open_async(self._path, timeout=self._busy_timeout)
         try:
-            info = os.stat(self._path)
-            self._file, self._file_size = (info.st_dev, info.st_ino), info.st_size
+            self._file.remember()
         except OSError as exc:
             await conn.close()
             raise StoreError(f"cannot stat database {self._path}: {exc.strerror}") from None
@@ -355,7 +353,7 @@ class AuditWriter:
     async def _connection(self) -> aiosqlite.Connection:
         """The open connection, or a new one after a fault; StoreError if it cannot be used."""
         if self._conn is not None:
-            fault = self._file_fault()
+            fault = self._file.fault()
             if fault is None:
                 return self._conn
             await self._disconnect()
@@ -375,25 +373,6 @@ class AuditWriter:
             raise
         self._conn = conn
         return conn
-
-    def _file_fault(self) -> str | None:
-        # SQLite keeps writing happily to a file that was unlinked, replaced or truncated
-        # under it (its pages are cached): check the path before each batch. Only stat():
-        # opening the file ourselves would drop SQLite's POSIX locks on close.
-        try:
-            info = os.stat(self._path)
-        except FileNotFoundError:
-            return f"database {self._path} was removed"
-        except OSError as exc:
-            return f"database {self._path}: {exc.strerror}"
-        if (info.st_dev, info.st_ino) != self._file:
-            return f"database {self._path} was replaced"
-        if info.st_size < self._file_size:
-            # It never shrinks by itself (no auto-vacuum); after a VACUUM the reopen's
-            # quick_check passes and this becomes the new baseline.
-            return f"database {self._path} shrank (truncated?)"
-        self._file_size = info.st_size
-        return None
 
     async def _rollback(self, conn: aiosqlite.Connection) -> None:
         try:

@@ -266,8 +266,10 @@ class Pipeline:
     def _health(self, route: Route) -> web.Response:
         if route.name == "health":
             return web.Response(text="ok")
+        # Names only, no internals (SPEC §4); the status socket says why.
         checks = {"upstream": self.policy.catalog.fresh(),
-                  "key_store": self.auth.verifier.is_fresh()}
+                  "key_store": self.auth.verifier.is_fresh(),
+                  "audit_log": self.audit is not None and self.audit.healthy}
         ok = all(checks.values())
         return web.Response(status=200 if ok else 503, content_type="application/json",
                             text=json.dumps({"status": "ok" if ok else "degraded",

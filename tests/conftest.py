@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from click.testing import CliRunner
+
+import faults
 
 from neuraldrive_gw import admin, store
 from neuraldrive_gw.app import SERVER_OPTIONS, create_app
@@ -109,6 +112,13 @@ def write_key_file(path: str, content: str, mode: int = 0o600) -> None:
         fh.write(content)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (root only, else skipped), unmounted afterwards whatever happened."""
+    with faults.size_capped_tmpfs(tmp_path) as mnt:
+        yield mnt
 
 
 @pytest.fixture

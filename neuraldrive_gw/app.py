@@ -138,7 +138,8 @@ def _accounting(config: Config, pipeline: Pipeline, ledger: BudgetLedger,
         finally:
             await conn.close()
         ledger.load(rows)
-        writer = AuditWriter(config.paths.database)
+        writer = AuditWriter(config.paths.database, busy_timeout=config.audit.busy_timeout_s,
+                             max_queued=config.audit.max_queued)
         await writer.start()
         pipeline.audit = writer
         yield

@@ -79,11 +79,22 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    # A batch that waits this long for a lock held by another program counts as failed:
+    # metered requests get 503 until a batch commits again.
+    busy_timeout_s: float = 2.0
+    # Rows waiting beyond this also make the gateway fail closed; beyond twice this, rows
+    # without tokens (refusals, listings) are dropped and counted.
+    max_queued: int = 10_000
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     allow_cloud_models: bool = False
     shutdown_grace_s: float = 30.0
@@ -262,6 +273,8 @@ def _validate(c: Config) -> None:
         ("limits.max_num_ctx", c.limits.max_num_ctx),
         ("limits.auth_failures_per_ip_per_min", c.limits.auth_failures_per_ip_per_min),
         ("limits.queue_timeout_s", c.limits.queue_timeout_s),
+        ("audit.busy_timeout_s", c.audit.busy_timeout_s),
+        ("audit.max_queued", c.audit.max_queued),
         ("limits.key_defaults.requests_per_min", c.limits.key_defaults.requests_per_min),
         ("limits.key_defaults.tokens_per_min", c.limits.key_defaults.tokens_per_min),
         ("limits.key_defaults.max_concurrent", c.limits.key_defaults.max_concurrent),

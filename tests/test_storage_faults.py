@@ -27,7 +27,7 @@ from conftest import ALLOWED_MODEL, Gateway, GatewayFactory, Keys
 from faults import fill, immutable
 
 CHAT = {"model": ALLOWED_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False}
-# Faults are noticed on the writer's first failed batch (busy timeout 2 s); generous bound.
+# Faults are noticed on the writer's first failed batch; a generous bound.
 FAULT_SEEN_S = 15.0
 
 
@@ -149,7 +149,8 @@ def replaced_then_restored(db: str, spare: str, damage: Callable[[], None]) -> I
 
 @pytest.fixture
 async def gw_fast(make_gateway: GatewayFactory) -> Gateway:
-    return await make_gateway(limits__key_defaults__requests_per_min=100_000)
+    return await make_gateway(limits__key_defaults__requests_per_min=100_000,
+                              audit__busy_timeout_s=0.2)
 
 
 async def test_a_locked_database(gw_fast: Gateway, http: aiohttp.ClientSession) -> None:

@@ -168,6 +168,7 @@ class KeyVerifier:
         self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
         self._failed: OrderedDict[bytes, float] = OrderedDict()
         self.verifications = 0    # Argon2 verifies run (issue: a key pays once)
+        self._in_flight: dict[tuple[bytes, str], asyncio.Task[bool]] = {}
 
     def install(self, snapshot: AuthSnapshot) -> None:
         """Swap in a freshly loaded snapshot; cache entries are re-validated lazily."""
@@ -206,13 +207,25 @@ class KeyVerifier:
         failed_at = self._failed.get(digest)
         if failed_at is not None and now - failed_at < NEGATIVE_TTL_S:
             raise Unauthorized()
-        if not await self._verify_in_thread(record, token):
+        if not await self._verify_once(digest, record, token):
             self._remember_failure(digest, now)
             raise Unauthorized()
         self._cache[digest] = _Verified(key_id, record.hash, now)
         if len(self._cache) > CACHE_MAX:
             self._cache.popitem(last=False)
         return principal_for(record)
+
+    async def _verify_once(self, digest: bytes, record: KeyRecord, token: str) -> bool:
+        """Verify, sharing one Argon2 run among concurrent requests with the same token
+        (a client opening 16 connections at once pays once, not 16 times). The run is its
+        own task, so the request that started it may be cancelled without failing the rest."""
+        flight = (digest, record.hash)
+        task = self._in_flight.get(flight)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._verify_in_thread(record, token))
+            self._in_flight[flight] = task
+            task.add_done_callback(lambda _t: self._in_flight.pop(flight, None))
+        return await asyncio.shield(task)
 
     async def _verify_in_thread(self, record: KeyRecord, token: str) -> bool:
         async with self._slots:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
-from conftest import MASTER_KEY, Gateway, write_key_file
+from conftest import MASTER_KEY, Gateway, GatewayFactory, write_key_file
 from neuraldrive_gw import admin, keys, store
 
 
@@ -82,6 +82,30 @@ async def test_argon2_runs_once_per_key_and_never_for_unknown_ids(gw: Gateway, h
     for _ in range(3):
         assert await status_of(http, gw, wrong_secret) == 401          # known id, wrong secret
     assert verifier.verifications == before + 2                        # then negatively cached
+
+
+async def test_concurrent_first_requests_with_one_key_share_one_verification(
+        make_gateway: GatewayFactory, http) -> None:
+    gw = await make_gateway(limits__key_defaults__max_concurrent=16)
+    verifier = gw.pipeline.auth.verifier
+    before = verifier.verifications
+    statuses = await asyncio.gather(*(status_of(http, gw, gw.keys.all_models)
+                                      for _ in range(16)))
+    assert statuses == [200] * 16
+    assert verifier.verifications == before + 1
+
+
+async def test_a_client_giving_up_does_not_fail_others_waiting_on_its_verification(
+        gw: Gateway, http) -> None:
+    verifier = gw.pipeline.auth.verifier
+    before = verifier.verifications
+    first = asyncio.ensure_future(status_of(http, gw, gw.keys.acme))
+    while verifier.verifications == before:        # the first request's Argon2 is running
+        await asyncio.sleep(0.001)
+    second = asyncio.ensure_future(status_of(http, gw, gw.keys.acme))
+    first.cancel()
+    assert await second == 200
+    assert verifier.verifications == before + 1
 
 
 async def test_unauthorised_answers_are_identical(gw: Gateway, http) -> None:

@@ -12,6 +12,7 @@ and every authenticated one the x-ratelimit-* headers computed at admission.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -251,6 +252,14 @@ class Pipeline:
                 transform = partial(self.policy.filter_listing, route.listing, principal)
             return await relay_buffered(request, resp, route.name, request_id, outcome,
                                         extra, transform)
+        except asyncio.CancelledError:
+            # ClientWatch cancels the handler when the client hangs up; so does a shutdown
+            # whose grace ran out. Either way the audit row must not say "ok".
+            transport = request.transport
+            gone = transport is None or transport.is_closing()
+            outcome.client_gone = gone
+            outcome.error = outcome.error or ("client disconnected" if gone else "cancelled")
+            raise
         finally:
             self.watch.discard(task)
             if outcome.error:

@@ -195,6 +195,19 @@ async def relay_buffered(request: web.BaseRequest, resp: aiohttp.ClientResponse,
                         headers=response_headers(resp, request_id, extra))
 
 
+class _ClientGone(Exception):
+    """The client's connection failed while we wrote to it."""
+
+
+async def _send(out: web.StreamResponse, data: bytes) -> None:
+    try:
+        await out.write(data)
+    except ConnectionResetError:
+        # aiohttp ≥3.10 raises ClientConnectionResetError, which is also an aiohttp
+        # ClientError: without this it would pass for an upstream failure below.
+        raise _ClientGone() from None
+
+
 async def relay_stream(request: web.BaseRequest, resp: aiohttp.ClientResponse, meter: StreamMeter,
                        request_id: str, outcome: Outcome, extra: Mapping[str, str],
                        monotonic: Callable[[], float]) -> web.StreamResponse:
@@ -203,19 +216,19 @@ async def relay_stream(request: web.BaseRequest, resp: aiohttp.ClientResponse, m
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
     out = web.StreamResponse(status=resp.status, headers=headers)
-    await out.prepare(request)
     try:
+        await out.prepare(request)
         try:
             async for chunk in resp.content.iter_any():
                 data = meter.feed(chunk)
                 if data:
                     if outcome.first_byte_at is None:
                         outcome.first_byte_at = monotonic()
-                    await out.write(data)
+                    await _send(out, data)
                     outcome.bytes_out += len(data)
             tail = meter.finish()
             if tail:
-                await out.write(tail)
+                await _send(out, tail)
                 outcome.bytes_out += len(tail)
             if meter.errored:
                 outcome.error = f"upstream reported an error: {meter.upstream_error}"
@@ -233,11 +246,12 @@ async def relay_stream(request: web.BaseRequest, resp: aiohttp.ClientResponse, m
             log.warning("stream %s broken: %s", request_id, outcome.error)
         if outcome.error is not None and not meter.errored:
             # (An in-band upstream error was already replaced by the meter's own frame.)
-            await out.write(meter.error_frame(
+            await _send(out, meter.error_frame(
                 f"the model server stopped before the answer was complete (request id: {request_id})"))
         await out.write_eof()
-    except ConnectionResetError:
-        # The client went away mid-write (aiohttp ≥3.10 raises a subclass of it).
+    except (_ClientGone, ConnectionResetError):
+        # The client went away: before the headers, mid-stream, or at the end.
         outcome.client_gone = True
+        outcome.usage = outcome.usage or meter.usage
         outcome.error = outcome.error or "client disconnected"
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 
 import aiohttp
@@ -117,6 +118,19 @@ async def test_client_disconnect_closes_upstream_within_a_second(gw: Gateway, ht
     r.close()
     noticed = await waiter
     assert noticed - hung_up < 1.0
+    # Audited as the client's doing, not as an upstream failure (aiohttp ≥3.10's write
+    # error is also a ClientError, which once made it look like one).
+    assert gw.pipeline.audit is not None
+    while not gw.pipeline.requests_by_status:     # until the handler has finished
+        await asyncio.sleep(0.01)
+    await gw.pipeline.audit.flush()
+    conn = sqlite3.connect(gw.db_path)
+    try:
+        row = conn.execute("SELECT status, outcome, metering FROM audit ORDER BY id DESC "
+                           "LIMIT 1").fetchone()
+    finally:
+        conn.close()
+    assert row == (499, "client disconnected", "estimated")
 
 
 async def test_client_disconnect_while_waiting_for_headers(gw: Gateway, http) -> None:

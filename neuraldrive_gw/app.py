@@ -71,7 +71,7 @@ def create_app(config: Config, *, clock: Clock | None = None,
     app[PIPELINE] = pipeline
     app.router.add_route("*", "/{tail:.*}", pipeline.handle, expect_handler=_no_continue)
     # Runs before the listener stops waiting for handlers and before any resource closes.
-    app.on_shutdown.append(lambda _app: pipeline.watch.drain(config.shutdown_grace_s))
+    app.on_shutdown.append(lambda _app: pipeline.watch.drain(pipeline.config.shutdown_grace_s))
     app.cleanup_ctx.extend([
         _key_store(config, verifier),
         _accounting(config, pipeline, ledger, clock),
@@ -179,11 +179,7 @@ def _upstream(config: Config, pipeline: Pipeline, clock: Clock) -> CleanupCtx:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=256, enable_cleanup_closed=False),
             cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False, trust_env=False)
-        pipeline.upstream = Upstream(
-            config.upstream.url, config.upstream.host_port,
-            connect_timeout_s=config.upstream.connect_timeout_s,
-            read_timeout_s=config.upstream.read_timeout_s, session=session,
-            monotonic=clock.monotonic)
+        pipeline.upstream = Upstream.configured(config.upstream, session, clock.monotonic)
         yield
         pipeline.upstream = None
         await session.close()
@@ -208,6 +204,6 @@ def _discovery(config: Config, pipeline: Pipeline, catalog: Catalog) -> CleanupC
                 if ok:
                     log.warning("model discovery failed (%s); retrying", type(exc).__name__)
                 ok = False
-            await asyncio.sleep(config.upstream.discovery_interval_s if ok
-                                else min(DISCOVERY_RETRY_S, config.upstream.discovery_interval_s))
+            interval = pipeline.config.upstream.discovery_interval_s    # reloadable
+            await asyncio.sleep(interval if ok else min(DISCOVERY_RETRY_S, interval))
     return _background(discover)

@@ -54,7 +54,6 @@ class Pipeline:
     def __init__(self, config: Config, *, auth: Authenticator, policy: ModelPolicy,
                  watch: ClientWatch, admission: Admission, monotonic: Callable[[], float],
                  wall: Callable[[], float] = time.time):
-        self.config = config
         self.auth = auth
         self.policy = policy
         self.watch = watch
@@ -63,13 +62,29 @@ class Pipeline:
         self.wall = wall
         self.upstream: Upstream | None = None        # set by the app's upstream lifecycle
         self.monotonic = monotonic
+        self.auth_failures = AuthFailureLimiter(config.limits.auth_failures_per_ip_per_min,
+                                                monotonic)
+        self._adopt(config)
+        self.requests_by_status: dict[int, int] = {}
+
+    def _adopt(self, config: Config) -> None:
+        self.config = config
         self.limits = ShapeLimits(num_predict_cap=config.limits.num_predict_cap,
                                   max_num_ctx=config.limits.max_num_ctx,
                                   max_keep_alive_s=config.limits.max_keep_alive_s)
         self.trusted = clientip.parse_networks(config.trusted_proxies)
-        self.auth_failures = AuthFailureLimiter(config.limits.auth_failures_per_ip_per_min,
-                                                monotonic)
-        self.requests_by_status: dict[int, int] = {}
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt a reloaded config (reload.py decides which sections may change). Requests
+        already running finish with the settings they started with."""
+        self._adopt(config)
+        self.auth_failures.reconfigure(config.limits.auth_failures_per_ip_per_min)
+        self.policy.allow_cloud_models = config.allow_cloud_models
+        self.policy.catalog.ttl_s = config.upstream.discovery_ttl_s
+        self.admission.reconfigure(config)
+        if self.upstream is not None:
+            self.upstream = Upstream.configured(config.upstream, self.upstream.session,
+                                                self.monotonic)
 
     # -- entry point -----------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ class Catalog:
     """The installed models as last seen by discovery, with fail-closed staleness."""
 
     def __init__(self, *, ttl_s: float, monotonic: Callable[[], float]):
-        self._ttl_s = ttl_s
+        self.ttl_s = ttl_s            # changed by a config reload
         self._monotonic = monotonic
         self._models: dict[str, str] = {}        # canonical key -> installed name
         self.refreshed_at: float | None = None
@@ -53,7 +53,7 @@ class Catalog:
 
     def fresh(self) -> bool:
         return self.refreshed_at is not None and \
-            self._monotonic() - self.refreshed_at <= self._ttl_s
+            self._monotonic() - self.refreshed_at <= self.ttl_s
 
     def installed(self) -> dict[str, str]:
         """canonical key → installed name; empty when discovery is stale."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from .config import UpstreamConfig
 from .errors import (GatewayError, ModelNotAllowed, UpstreamFailed, UpstreamRejected,
                      Unavailable, UpstreamTimeout)
 from .metering import StreamMeter, Usage, usage_from_body
@@ -107,6 +108,12 @@ class Upstream:
                                              sock_connect=connect_timeout_s,
                                              sock_read=read_timeout_s)
         self._monotonic = monotonic
+
+    @classmethod
+    def configured(cls, config: UpstreamConfig, session: aiohttp.ClientSession,
+                   monotonic: Callable[[], float]) -> Upstream:
+        return cls(config.url, config.host_port, connect_timeout_s=config.connect_timeout_s,
+                   read_timeout_s=config.read_timeout_s, session=session, monotonic=monotonic)
 
     async def open(self, method: str, path: str, body: bytes | None) -> aiohttp.ClientResponse:
         """Send the request; map connection failures to 502 and timeouts to 504."""

@@ -106,13 +106,15 @@ def test_zero_rate_never_refills() -> None:
     assert math.isinf(b.seconds_until(1))
 
 
-def test_reconfigure_keeps_use_and_caps_level() -> None:
+def test_reconfigure_keeps_what_was_used_this_minute() -> None:
     b, _ = bucket(capacity=100, per_minute=100)
     b.take(30)
-    b.reconfigure(50, 50)
-    assert (b.capacity, b.per_minute, b.level()) == (50, 50, 50)
+    b.reconfigure(50, 50)                 # 30 of the new 50 are already used
+    assert (b.capacity, b.per_minute, b.level()) == (50, 50, 20)
     b.reconfigure(200, 200)
-    assert b.level() == 50
+    assert b.level() == 170
+    b.reconfigure(20, 20)                 # used more than the new limit: wait for refill
+    assert b.level() == -10 and b.seconds_until(1) == pytest.approx(33.0)
 
 
 @pytest.mark.parametrize("capacity, per_minute", [(0, 60), (-1, 60), (10, -1)])

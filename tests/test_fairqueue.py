@@ -293,6 +293,29 @@ async def test_max_parallel_slots_are_all_used() -> None:
     assert_empty(q)
 
 
+async def test_more_slots_serve_waiters_at_once_fewer_wait_for_running_ones() -> None:
+    q, rec = make(1)
+    held = await q.acquire("t", 1, "A", None)
+    waiting = [asyncio.create_task(q.acquire("t", 1, k, None)) for k in "BCD"]
+    await spin()
+    q.resize(3)                                   # two more slots: B and C get them now
+    await spin()
+    assert (q.in_flight, q.queued, rec.events) == (3, 1, ["A", "B", "C"])
+    q.resize(1)                                   # nobody is interrupted...
+    assert q.in_flight == 3
+    held.release()
+    waiting[0].result().release()
+    await spin()
+    assert (q.in_flight, q.queued) == (1, 1)      # ...but D waits until one slot is left
+    waiting[1].result().release()
+    await spin()
+    assert (q.in_flight, q.queued, rec.events[-1]) == (1, 0, "D")
+    waiting[2].result().release()
+    assert_empty(q)
+    with pytest.raises(ValueError):
+        q.resize(0)
+
+
 async def test_rejects_invalid_max_parallel() -> None:
     with pytest.raises(ValueError):
         FairQueue(0)

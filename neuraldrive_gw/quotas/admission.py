@@ -179,6 +179,12 @@ class Admission:
                                          "queue_abandoned": 0, "settled_tokens": 0,
                                          "settled_estimated": 0}
 
+    def reconfigure(self, config: Config) -> None:
+        """Adopt a reloaded config: new defaults apply from the next admission (buckets are
+        resized then, keeping their use), the slot count at once."""
+        self.config = config
+        self.queue.resize(config.upstream.max_parallel)
+
     # -- limits ----------------------------------------------------------------------------
 
     def limits_for(self, principal: Principal) -> tuple[Limits, Limits | None]:

@@ -53,6 +53,12 @@ class AuthFailureLimiter:
     def tracked(self) -> int:
         return len(self._buckets)
 
+    def reconfigure(self, per_minute: int) -> None:
+        """A new limit (config reload), keeping the failures already counted."""
+        self.per_minute = per_minute
+        for bucket in self._buckets.values():
+            bucket.reconfigure(per_minute, per_minute)
+
     def check(self, address: str) -> None:
         """Raise RateLimited when this address has used up its failures for now."""
         bucket = self._buckets.get(address_group(address))

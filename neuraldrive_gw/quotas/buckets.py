@@ -33,9 +33,10 @@ class TokenBucket:
         if capacity <= 0 or per_minute < 0:
             raise ValueError("a bucket needs capacity > 0 and per_minute >= 0")
         self._refill()
+        used = self.capacity - self._level
         self.capacity = float(capacity)
         self.per_minute = float(per_minute)
-        self._level = min(self._level, self.capacity)
+        self._level = self.capacity - used     # below zero: the use already exceeds it
 
     def level(self) -> float:
         self._refill()

@@ -157,8 +157,21 @@ class FairQueue:
                 slot.release()
         self._remove(waiter)
 
+    def resize(self, max_parallel: int) -> None:
+        """Adopt a new number of slots (config reload): more slots serve waiters at once;
+        fewer take effect as running requests finish (nobody is interrupted)."""
+        if max_parallel < 1:
+            raise ValueError("max_parallel must be at least 1")
+        self.max_parallel = max_parallel
+        while self._in_flight < self.max_parallel and self._queued:
+            self._in_flight += 1
+            self._hand_on()
+
     def _hand_on(self) -> None:
         """A slot was released: give it to the next live waiter, or free it."""
+        if self._in_flight > self.max_parallel:      # shrunk by resize(): retire this one
+            self._in_flight -= 1
+            return
         while (waiter := self._head()) is not None:
             if waiter.future.done():            # cancelled a moment ago: not its turn to spend
                 self._remove(waiter)

@@ -8,12 +8,16 @@ import logging
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from . import reload
 from .app import SERVER_OPTIONS, create_app
-from .config import Config
+from .appkeys import pipeline_of
+from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +70,61 @@ async def wait_for_stop_signal() -> None:
     await stop.wait()
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; 0 on a clean stop, non-zero when start-up fails."""
+class Reloader:
+    """SIGHUP: re-read the config and the master key (SPEC §11). An invalid config is
+    refused as a whole and the running one kept; either way systemd hears RELOADING=1 and
+    then READY=1. Reloads run one at a time, in the order the signals came."""
+
+    def __init__(self, app: web.Application, load: Callable[[], Config], notifier: Notifier):
+        self._pipeline = pipeline_of(app)
+        self._load = load
+        self._notifier = notifier
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[bool]] = set()
+
+    def install(self) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._signalled)
+
+    def _signalled(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> bool:
+        """True when the new config was applied, False when it was refused."""
+        async with self._lock:
+            # MONOTONIC_USEC: systemd ≥ 253 matches RELOADING=1 to the reload it asked for.
+            self._notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                config = await asyncio.to_thread(self._load)
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays: %s", exc)
+                applied = False
+            else:
+                kept = reload.apply(self._pipeline, config)
+                logging.getLogger().setLevel(config.log_level.upper())
+                log.info("configuration reloaded%s", f" (restart needed for: {', '.join(kept)})"
+                         if kept else "")
+                applied = True
+            await self._pipeline.auth.master.refresh()
+            self._notifier.notify("READY=1")
+            return applied
+
+
+async def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; 0 on a clean stop, non-zero when start-up fails.
+    `load` re-reads the configuration on SIGHUP (None: SIGHUP only re-reads the master key)."""
     notifier = Notifier()
+    app = create_app(config)
     try:
-        runner = await start(create_app(config), config.listen.host, config.listen.port,
+        runner = await start(app, config.listen.host, config.listen.port,
                              config.shutdown_grace_s)
     except Exception as exc:
         log.error("start-up failed: %s", exc)
         return 1
     log.info("listening on http://%s:%d, upstream %s", config.listen.host, config.listen.port,
              config.upstream.url)
+    Reloader(app, load or (lambda: pipeline_of(app).config), notifier).install()
     notifier.notify(f"READY=1\nSTATUS=serving on {config.listen.host}:{config.listen.port}")
     await wait_for_stop_signal()
     notifier.notify("STOPPING=1")

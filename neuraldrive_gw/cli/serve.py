@@ -11,6 +11,7 @@ import yaml
 
 from .. import store
 from ..auth import read_master_key
+from ..config import load_config
 from ..daemon import serve as run_daemon
 from ..daemon import setup_logging
 from .common import config_options, get_config
@@ -33,8 +34,12 @@ def serve(config_path: str | None, db_path: str | None, listen: str | None,
     if upstream:
         overrides["upstream.url"] = upstream
     config = get_config(config_path, db_path, overrides)
+    if db_path:
+        overrides["paths.database"] = db_path
     setup_logging(config.log_level)
-    sys.exit(asyncio.run(run_daemon(config)))
+    # SIGHUP reloads from the same sources: the file, the environment, these options.
+    sys.exit(asyncio.run(run_daemon(
+        config, load=lambda: load_config(config_path, overrides=overrides))))
 
 
 @click.command("check-config")

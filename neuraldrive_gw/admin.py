@@ -6,11 +6,12 @@ import datetime as dt
 import re
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import keys as keyfmt
+from . import limits
 from .models import InvalidModelName, canonical_model
 from .store import write_transaction
 
@@ -55,9 +56,10 @@ class TenantInfo:
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "allow_all_models": self.allow_all_models,
                 "models": list(self.models), "cloud_models": list(self.cloud_models),
-                "weight": self.weight, "tokens_per_min": self.tokens_per_min,
-                "token_budget": self.token_budget, "budget_period": self.budget_period,
-                "max_concurrent": self.max_concurrent, "created_at": iso(self.created_at),
+                # null: unlimited (a tenant's limits are only what is set on it).
+                "weight": self.weight, "tokens_per_min": self.tokens_per_min or None,
+                "token_budget": self.token_budget or None, "budget_period": self.budget_period,
+                "max_concurrent": self.max_concurrent or None, "created_at": iso(self.created_at),
                 "keys": self.keys, "active_keys": self.active_keys}
 
 
@@ -87,10 +89,10 @@ class KeyInfo:
                 "expires_at": iso(self.expires_at), "revoked_at": iso(self.revoked_at),
                 "last_used_at": iso(self.last_used_at),
                 "allow_all_models": self.allow_all_models,
-                "requests_per_min": self.requests_per_min,
-                "tokens_per_min": self.tokens_per_min, "token_budget": self.token_budget,
-                "budget_period": self.budget_period, "max_concurrent": self.max_concurrent,
-                "log_prompts": self.log_prompts}
+                # null: the config's key default; "unlimited": none for this key.
+                **{name: "unlimited" if getattr(self, name) == limits.UNLIMITED
+                   else getattr(self, name) for name in limits.KEY_LIMITS},
+                "budget_period": self.budget_period, "log_prompts": self.log_prompts}
 
 
 # -- input parsing ------------------------------------------------------------------------
@@ -163,8 +165,10 @@ def _is_cloud(model_key: str) -> bool:
 
 
 def create_tenant(conn: sqlite3.Connection, name: str, *, allow_all_models: bool = False,
-                  models: Iterable[str] = (), weight: int = 1) -> TenantInfo:
-    """Add a tenant; models are stored canonical. AdminError if the name is taken."""
+                  models: Iterable[str] = (), weight: int = 1,
+                  settings: Mapping[str, object] | None = None) -> TenantInfo:
+    """Add a tenant; models are stored canonical; `settings` are limit columns (limits.py).
+    AdminError if the name is taken."""
     _check_tenant_name(name)
     if weight < 1:
         raise AdminError("weight must be at least 1")
@@ -177,7 +181,31 @@ def create_tenant(conn: sqlite3.Connection, name: str, *, allow_all_models: bool
             (name, int(allow_all_models), weight, time.time()))
         conn.executemany("INSERT INTO tenant_models (tenant_id, model) VALUES (?, ?)",
                          [(cursor.lastrowid, m) for m in sorted(canonical)])
+        assert cursor.lastrowid is not None
+        _apply(limits.update_tenant, conn, cursor.lastrowid, settings)
         return _tenant_info(conn, name)
+
+
+def set_tenant_limits(conn: sqlite3.Connection, name: str,
+                      settings: Mapping[str, object]) -> TenantInfo:
+    """Change a tenant's limits and/or weight (columns and stored values: limits.py)."""
+    _check_tenant_name(name)
+    if not settings:
+        raise AdminError("nothing to change")
+    with write_transaction(conn):
+        row = _tenant_row(conn, name)
+        if row is None:
+            raise AdminError(f"no tenant named {name}")
+        _apply(limits.update_tenant, conn, row["id"], settings)
+        return _tenant_info(conn, name)
+
+
+def _apply(update: Any, conn: sqlite3.Connection, ident: object,
+           settings: Mapping[str, object] | None) -> None:
+    try:
+        update(conn, ident, settings or {})
+    except limits.LimitError as exc:
+        raise AdminError(str(exc)) from None
 
 
 def list_tenants(conn: sqlite3.Connection) -> list[TenantInfo]:
@@ -277,9 +305,10 @@ def _tenant_info(conn: sqlite3.Connection, name: str) -> TenantInfo:
 
 
 def create_key(conn: sqlite3.Connection, tenant: str, *, label: str = "",
-               expires_at: float | None = None,
-               allow_all_models: bool | None = None) -> tuple[str, KeyInfo]:
-    """Create a key for `tenant`; returns (the token, its record).
+               expires_at: float | None = None, allow_all_models: bool | None = None,
+               settings: Mapping[str, object] | None = None) -> tuple[str, KeyInfo]:
+    """Create a key for `tenant`; returns (the token, its record). `settings`: its own
+    limits, budget period and log_prompts (columns and stored values: limits.py).
 
     The token exists only in the return value: the database keeps its Argon2id hash. The
     caller shows it once. Hashing (~25 ms) happens before the write lock is taken.
@@ -307,6 +336,7 @@ def create_key(conn: sqlite3.Connection, tenant: str, *, label: str = "",
                 "allow_all_models) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (public_id, row["id"], label, key_hash, now, expires_at,
                  None if allow_all_models is None else int(allow_all_models)))
+            _apply(limits.update_key, conn, public_id, settings)
             return token, _key_info(conn, public_id)
     raise AdminError("could not allocate a unique key id; try again")
 
@@ -329,6 +359,19 @@ def list_keys(conn: sqlite3.Connection, tenant: str | None = None) -> list[KeyIn
 
 def get_key(conn: sqlite3.Connection, key_id: str) -> KeyInfo:
     return _key_info(conn, _public_id(key_id))
+
+
+def set_key_limits(conn: sqlite3.Connection, key_id: str,
+                   settings: Mapping[str, object]) -> KeyInfo:
+    """Change a key's own limits, budget period or log_prompts. Allowed on revoked and
+    expired keys too (their records stay accurate, should they be looked at)."""
+    public_id = _public_id(key_id)
+    if not settings:
+        raise AdminError("nothing to change")
+    with write_transaction(conn):
+        _key_info(conn, public_id)      # not found → AdminError, rolled back
+        _apply(limits.update_key, conn, public_id, settings)
+        return _key_info(conn, public_id)
 
 
 def revoke_key(conn: sqlite3.Connection, key_id: str) -> KeyInfo:

@@ -67,6 +67,16 @@ class KeyDefaults:
 
 
 @dataclass(frozen=True)
+class MasterLimits:
+    # The appliance key is unlimited unless set here (null: no limit).
+    requests_per_min: int | None = None
+    tokens_per_min: int | None = None
+    max_concurrent: int | None = None
+    token_budget: int | None = None
+    budget_period: str = "day"
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_body_bytes: int = 256 * 1024
     body_timeout_s: float = 30.0
@@ -76,6 +86,7 @@ class LimitsConfig:
     auth_failures_per_ip_per_min: int = 10
     queue_timeout_s: float = 30.0
     key_defaults: KeyDefaults = field(default_factory=KeyDefaults)
+    master: MasterLimits = field(default_factory=MasterLimits)
 
 
 @dataclass(frozen=True)
@@ -289,8 +300,15 @@ def _validate(c: Config) -> None:
     budget = c.limits.key_defaults.token_budget
     if budget is not None and budget <= 0:
         raise ConfigError("limits.key_defaults.token_budget: must be greater than 0 (or null)")
-    if c.limits.key_defaults.budget_period not in ("day", "month"):
-        raise ConfigError("limits.key_defaults.budget_period: must be day or month")
+    master = c.limits.master
+    for name in ("requests_per_min", "tokens_per_min", "max_concurrent", "token_budget"):
+        value = getattr(master, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"limits.master.{name}: must be greater than 0 (or null)")
+    for section, period in (("key_defaults", c.limits.key_defaults.budget_period),
+                            ("master", master.budget_period)):
+        if period not in ("day", "month"):
+            raise ConfigError(f"limits.{section}.budget_period: must be day or month")
     for index, item in enumerate(c.trusted_proxies):
         try:
             ipaddress.ip_network(item, strict=False)

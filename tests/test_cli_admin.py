@@ -386,3 +386,61 @@ def test_real_process(tmp_path: Path) -> None:
 
 def stat_mode(path: str) -> int:
     return os.stat(path).st_mode & 0o777
+
+
+# -- limits ---------------------------------------------------------------------------------
+
+
+def test_keys_limits_on_create_and_set_limits(cli: Cli) -> None:
+    cli(tenants, "create", "acme")
+    created = cli.json(keys, "create", "--tenant", "acme", "--requests-per-min", "unlimited",
+                       "--token-budget", "5000", "--budget-period", "month", "--log-prompts")
+    assert (created["requests_per_min"], created["tokens_per_min"], created["token_budget"],
+            created["budget_period"], created["log_prompts"]) == (
+        "unlimited", None, 5000, "month", True)
+    key_id = created["key_id"]
+    shown = cli(keys, "show", key_id).stdout
+    assert "requests per minute: unlimited\n" in shown
+    assert "tokens per minute:   100000 (default)\n" in shown     # limits.key_defaults
+    assert "token budget:        5000\n" in shown and "budget period:       month\n" in shown
+    changed = cli.json(keys, "set-limits", key_id, "--requests-per-min", "default",
+                       "--max-concurrent", "2", "--no-log-prompts")
+    assert (changed["requests_per_min"], changed["max_concurrent"], changed["log_prompts"],
+            changed["token_budget"]) == (None, 2, False, 5000)     # the rest is untouched
+    assert "requests per minute: 60 (default)\n" in cli(keys, "show", key_id).stdout
+
+
+@pytest.mark.parametrize("args", [
+    (), ("--max-concurrent", "0"), ("--tokens-per-min", "-5"), ("--token-budget", "lots"),
+    ("--budget-period", "week"),
+])
+def test_keys_set_limits_refuses_nothing_and_non_limits(cli: Cli, args: tuple[str, ...]) -> None:
+    cli(tenants, "create", "acme")
+    key_id = cli.json(keys, "create", "--tenant", "acme")["key_id"]
+    result = cli(keys, "set-limits", key_id, *args, code=2)
+    assert ("nothing to change" if not args else "Invalid value") in result.stderr
+    assert cli.json(keys, "show", key_id)["max_concurrent"] is None
+
+
+def test_set_limits_on_an_unknown_key_or_tenant(cli: Cli) -> None:
+    assert cli.fails(keys, "set-limits", "ABCDEFGH", "--max-concurrent", "1") == \
+        "neuraldrive-gw: no key with id ABCDEFGH"
+    assert cli.fails(tenants, "set-limits", "nobody", "--weight", "2") == \
+        "neuraldrive-gw: no tenant named nobody"
+
+
+def test_tenants_limits_on_create_and_set_limits(cli: Cli) -> None:
+    created = cli.json(tenants, "create", "acme", "--tokens-per-min", "9000",
+                       "--max-concurrent", "3", "--weight", "2")
+    assert (created["tokens_per_min"], created["max_concurrent"], created["weight"],
+            created["token_budget"]) == (9000, 3, 2, None)
+    changed = cli.json(tenants, "set-limits", "acme", "--tokens-per-min", "unlimited",
+                       "--token-budget", "100000", "--budget-period", "month", "--weight", "5")
+    assert (changed["tokens_per_min"], changed["token_budget"], changed["budget_period"],
+            changed["weight"], changed["max_concurrent"]) == (None, 100000, "month", 5, 3)
+    shown = cli(tenants, "show", "acme").stdout
+    assert "tokens per minute: unlimited\n" in shown
+    assert "token budget:      100000 per month\n" in shown
+    # 'default' is a key-only word: tenants have no defaults to go back to.
+    assert "Invalid value" in cli(tenants, "set-limits", "acme", "--max-concurrent",
+                                  "default", code=2).stderr

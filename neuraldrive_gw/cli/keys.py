@@ -14,8 +14,10 @@ import click
 
 from .. import admin
 from ..admin import KeyInfo, iso
+from ..config import Config
 from .common import config_options, emit_json, fail, get_config
 from .db import errors_to_exit, open_store, table, yes_no
+from .limitopts import describe_key_limits, limit_options, settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ONCE = "This key is shown only once and cannot be retrieved later. Store it now:"
@@ -43,20 +45,46 @@ def _output_options(func: F) -> F:
 @click.option("--all-models/--no-all-models", "allow_all", default=None,
               help="Override the tenant's allow-all-models flag for this key "
                    "(default: inherit it).")
+@limit_options(key=True)
 @_output_options
 @config_options
 def create(tenant: str, label: str, expires: str | None, allow_all: bool | None,
            as_json: bool, print_key: bool, config_path: str | None,
-           db_path: str | None) -> None:
-    """Create a key for a tenant and print it once."""
+           db_path: str | None, **options: Any) -> None:
+    """Create a key for a tenant and print it once. Limits not given follow the config's
+    key defaults (limits.key_defaults)."""
     _check_output(as_json, print_key)
     config = get_config(config_path, db_path)
     with errors_to_exit():
         expires_at = None if expires is None else admin.parse_expiry(expires, time.time())
     with open_store(config) as conn:
         token, info = admin.create_key(conn, tenant, label=label, expires_at=expires_at,
-                                       allow_all_models=allow_all)
-    _print_new_key(token, info, as_json, print_key, "created")
+                                       allow_all_models=allow_all, settings=settings(options))
+    _print_new_key(token, info, as_json, print_key, "created", config)
+
+
+@keys.command("set-limits")
+@click.argument("key_id")
+@limit_options(key=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@config_options
+def set_limits(key_id: str, as_json: bool, config_path: str | None, db_path: str | None,
+               **options: Any) -> None:
+    """Change the limits of key KEY_ID (takes effect within a second). Give at least one
+    option; a limit of 'default' goes back to the config's key default."""
+    changes = settings(options)
+    if not changes:
+        fail("nothing to change: give at least one of --requests-per-min, --tokens-per-min, "
+             "--token-budget, --budget-period, --max-concurrent, --log-prompts/--no-log-prompts",
+             code=2)
+    config = get_config(config_path, db_path)
+    with open_store(config) as conn:
+        info = admin.set_key_limits(conn, key_id, changes)
+    if as_json:
+        emit_json(info.to_json())
+    else:
+        click.echo(f"updated key {info.key_id}")
+        _print_record(info, config)
 
 
 @keys.command("list")
@@ -94,7 +122,7 @@ def show(key_id: str, as_json: bool, config_path: str | None, db_path: str | Non
     if as_json:
         emit_json(info.to_json())
     else:
-        _print_record(info)
+        _print_record(info, config)
 
 
 @keys.command("revoke")
@@ -124,7 +152,7 @@ def rotate(key_id: str, as_json: bool, print_key: bool, config_path: str | None,
     with open_store(config) as conn:
         token = admin.rotate_key(conn, key_id)
         info = admin.get_key(conn, key_id)
-    _print_new_key(token, info, as_json, print_key, "rotated")
+    _print_new_key(token, info, as_json, print_key, "rotated", config)
 
 
 def _check_output(as_json: bool, print_key: bool) -> None:
@@ -133,7 +161,7 @@ def _check_output(as_json: bool, print_key: bool) -> None:
 
 
 def _print_new_key(token: str, info: KeyInfo, as_json: bool, print_key: bool,
-                   verb: str) -> None:
+                   verb: str, config: Config) -> None:
     """The one place a key is printed. In every mode the key is the last stdout line."""
     if print_key:
         click.echo(token)
@@ -141,21 +169,18 @@ def _print_new_key(token: str, info: KeyInfo, as_json: bool, print_key: bool,
         emit_json({"key": token, **info.to_json()})
     else:
         click.echo(f"{verb} key {info.key_id} for tenant {info.tenant}")
-        _print_record(info)
+        _print_record(info, config)
         click.echo("")
         click.echo(_ONCE, err=True)
         click.echo(token)
 
 
-def _print_record(info: KeyInfo) -> None:
-    rows = [("key id", info.key_id), ("tenant", info.tenant), ("label", info.label or None),
-            ("status", info.status), ("all models", yes_no(info.allow_all_models)),
-            ("created", iso(info.created_at)), ("expires", iso(info.expires_at)),
-            ("revoked", iso(info.revoked_at)), ("last used", iso(info.last_used_at)),
-            ("requests per minute", info.requests_per_min),
-            ("tokens per minute", info.tokens_per_min),
-            ("token budget", None if info.token_budget is None
-             else f"{info.token_budget} per {info.budget_period or 'period'}"),
-            ("max concurrent", info.max_concurrent),
-            ("log prompts", yes_no(info.log_prompts))]
+def _print_record(info: KeyInfo, config: Config) -> None:
+    rows: list[tuple[str, object]] = [
+        ("key id", info.key_id), ("tenant", info.tenant), ("label", info.label or None),
+        ("status", info.status), ("all models", yes_no(info.allow_all_models)),
+        ("created", iso(info.created_at)), ("expires", iso(info.expires_at)),
+        ("revoked", iso(info.revoked_at)), ("last used", iso(info.last_used_at)),
+        *describe_key_limits(info, config.limits.key_defaults),
+        ("log prompts", yes_no(info.log_prompts))]
     click.echo("\n".join(f"{k + ':':<21}{'-' if v is None else v}" for k, v in rows))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from .. import admin
@@ -10,6 +12,7 @@ from ..config import Config
 from ..models import InvalidModelName, canonical_model
 from .common import config_options, emit_json, fail, get_config
 from .db import open_store, table, yes_no
+from .limitopts import limit_options, settings
 
 
 @click.group()
@@ -24,15 +27,17 @@ def tenants() -> None:
               help="Allow this model (repeatable); stored in canonical form.")
 @click.option("--weight", type=click.IntRange(min=1), default=1, show_default=True,
               help="Fair-share weight in the request queue.")
+@limit_options(key=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the tenant as JSON.")
 @config_options
 def create(name: str, allow_all_models: bool, models: tuple[str, ...], weight: int,
-           as_json: bool, config_path: str | None, db_path: str | None) -> None:
-    """Create tenant NAME."""
+           as_json: bool, config_path: str | None, db_path: str | None,
+           **options: Any) -> None:
+    """Create tenant NAME. Its limits are shared by all its keys; unset ones are unlimited."""
     config = get_config(config_path, db_path)
     with open_store(config) as conn:
         info = admin.create_tenant(conn, name, allow_all_models=allow_all_models,
-                                   models=models, weight=weight)
+                                   models=models, weight=weight, settings=settings(options))
     _note_cloud(models, config)
     _report(info, config, as_json, f"created tenant {info.name}")
 
@@ -96,6 +101,27 @@ def set_models(name: str, add: tuple[str, ...], remove: tuple[str, ...],
     _report(info, config, as_json, f"updated tenant {info.name}")
 
 
+@tenants.command("set-limits")
+@click.argument("name")
+@limit_options(key=False)
+@click.option("--weight", type=click.IntRange(min=1), default=None,
+              help="Fair-share weight in the request queue.")
+@click.option("--json", "as_json", is_flag=True, help="Print the tenant as JSON.")
+@config_options
+def set_limits(name: str, as_json: bool, config_path: str | None, db_path: str | None,
+               **options: Any) -> None:
+    """Change the limits or weight of tenant NAME, shared by all its keys (takes effect
+    within a second). Give at least one option."""
+    changes = settings(options)
+    if not changes:
+        fail("nothing to change: give at least one of --tokens-per-min, --token-budget, "
+             "--budget-period, --max-concurrent, --weight", code=2)
+    config = get_config(config_path, db_path)
+    with open_store(config) as conn:
+        info = admin.set_tenant_limits(conn, name, changes)
+    _report(info, config, as_json, f"updated tenant {info.name}")
+
+
 @tenants.command("delete")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Also delete the tenant's keys.")
@@ -125,10 +151,11 @@ def _report(info: TenantInfo, config: Config, as_json: bool, headline: str = "")
         ("models", models[0] if models else "-"),
         *(("", m) for m in models[1:]),
         ("weight", info.weight),
-        ("tokens per minute", info.tokens_per_min),
-        ("token budget", None if info.token_budget is None
-         else f"{info.token_budget} per {info.budget_period or 'period'}"),
-        ("max concurrent", info.max_concurrent),
+        ("tokens per minute", info.tokens_per_min or "unlimited"),
+        ("token budget", f"{info.token_budget} per "
+         f"{info.budget_period or config.limits.key_defaults.budget_period}"
+         if info.token_budget else "unlimited"),
+        ("max concurrent", info.max_concurrent or "unlimited"),
         ("keys", f"{info.active_keys} active, {info.keys} total"),
         ("created", iso(info.created_at)),
     ]

@@ -17,8 +17,9 @@ import math
 from dataclasses import dataclass
 
 from ..clock import Clock
-from ..config import Config, KeyDefaults
+from ..config import Config, KeyDefaults, MasterLimits
 from ..errors import BudgetExhausted, RateLimited, TooManyConcurrent
+from ..limits import effective
 from ..principals import Principal, Tenant
 from .budgets import BudgetLedger, Reservation, Scope, format_reset, reset_time
 from .buckets import TokenBucket
@@ -38,30 +39,29 @@ class Limits:
     max_concurrent: int | None = None
 
 
-UNLIMITED = Limits()
-
-
-def key_limits(principal: Principal, defaults: KeyDefaults) -> Limits:
-    """A key's own limits where set, the configured defaults elsewhere; master: unlimited."""
+def key_limits(principal: Principal, defaults: KeyDefaults, master: MasterLimits) -> Limits:
+    """A key's own limits where set (limits.UNLIMITED: none), the configured defaults
+    elsewhere; the master key: `limits.master` (unlimited unless configured)."""
     record = principal.record
     if record is None:
-        return UNLIMITED
-
-    def pick(own: int | None, default: int | None) -> int | None:
-        return default if own is None else own
-
-    return Limits(requests_per_min=pick(record.requests_per_min, defaults.requests_per_min),
-                  tokens_per_min=pick(record.tokens_per_min, defaults.tokens_per_min),
-                  token_budget=pick(record.token_budget, defaults.token_budget),
-                  budget_period=record.budget_period or defaults.budget_period,
-                  max_concurrent=pick(record.max_concurrent, defaults.max_concurrent))
+        return Limits(requests_per_min=master.requests_per_min,
+                      tokens_per_min=master.tokens_per_min, token_budget=master.token_budget,
+                      budget_period=master.budget_period, max_concurrent=master.max_concurrent)
+    return Limits(
+        requests_per_min=effective(record.requests_per_min, defaults.requests_per_min),
+        tokens_per_min=effective(record.tokens_per_min, defaults.tokens_per_min),
+        token_budget=effective(record.token_budget, defaults.token_budget),
+        budget_period=record.budget_period or defaults.budget_period,
+        max_concurrent=effective(record.max_concurrent, defaults.max_concurrent))
 
 
 def tenant_limits(tenant: Tenant, default_period: str) -> Limits:
-    """A tenant's limits: exactly what is set on it (tenants are unlimited by default)."""
-    return Limits(tokens_per_min=tenant.tokens_per_min, token_budget=tenant.token_budget,
+    """A tenant's limits: exactly what is set on it (tenants are unlimited by default;
+    a stored 0 also means none)."""
+    return Limits(tokens_per_min=tenant.tokens_per_min or None,
+                  token_budget=tenant.token_budget or None,
                   budget_period=tenant.budget_period or default_period,
-                  max_concurrent=tenant.max_concurrent)
+                  max_concurrent=tenant.max_concurrent or None)
 
 
 def openai_duration(seconds: float) -> str:
@@ -192,7 +192,7 @@ class Admission:
         defaults = self.config.limits.key_defaults
         record = principal.record
         tenant = None if record is None else tenant_limits(record.tenant, defaults.budget_period)
-        return key_limits(principal, defaults), tenant
+        return key_limits(principal, defaults, self.config.limits.master), tenant
 
     def _bucket(self, table: dict[str, TokenBucket], name: str,
                 per_min: int | None) -> TokenBucket | None:

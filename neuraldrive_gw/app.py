@@ -3,7 +3,8 @@
 There are no middlewares: the whole pipeline is one handler (pipeline.py) behind a single
 catch-all route, because routing must be decided on the raw target by our own table, not
 by aiohttp's router. Resources live in cleanup contexts, started in dependency order and
-stopped in reverse: key store → master key → upstream session → discovery → client watch.
+stopped in reverse: key store → audit log and budgets → prompt log → master key → upstream
+session → discovery → client watch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .config import Config
 from .keystore import KeyStoreWatcher
 from .pipeline import Pipeline
 from .policy import Catalog, ModelPolicy
+from .promptlog import PromptLog, load_hook
 from .proxy import ClientWatch, Upstream
 from .quotas.admission import Admission
 from .quotas.budgets import BudgetLedger, period_key
@@ -75,6 +77,7 @@ def create_app(config: Config, *, clock: Clock | None = None,
     app.cleanup_ctx.extend([
         _key_store(config, verifier),
         _accounting(config, pipeline, ledger, clock),
+        _prompt_log(config, pipeline, clock),
         _master_key(master),
         _upstream(config, pipeline, clock),
         _discovery(config, pipeline, catalog),
@@ -145,6 +148,34 @@ def _accounting(config: Config, pipeline: Pipeline, ledger: BudgetLedger,
         yield
         pipeline.audit = None
         await writer.close()
+    return ctx
+
+
+def _prompt_log(config: Config, pipeline: Pipeline, clock: Clock) -> CleanupCtx:
+    """The prompt log's writer and its purge of expired rows (SPEC §10). A redaction hook
+    that cannot be loaded fails start-up: logging unredacted prompts is not an option."""
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = config.prompt_logging
+        prompts = PromptLog(config.paths.database, hook=load_hook(settings.redact_hook),
+                            max_queued=settings.max_queued, purge_batch=settings.purge_batch)
+        await prompts.start()
+
+        async def purge() -> None:
+            while True:
+                try:
+                    deleted = await prompts.purge(clock.time())
+                    if deleted:
+                        log.info("prompt log: %d expired entries deleted", deleted)
+                except Exception as exc:
+                    log.warning("prompt log purge failed: %s", type(exc).__name__)
+                await asyncio.sleep(pipeline.config.prompt_logging.purge_interval_s)
+
+        task = asyncio.get_running_loop().create_task(purge())
+        pipeline.prompts = prompts
+        yield
+        pipeline.prompts = None
+        await _cancel(task)
+        await prompts.close()
     return ctx
 
 

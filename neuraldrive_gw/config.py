@@ -100,12 +100,24 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class PromptLoggingConfig:
+    # Only keys with log_prompts set are logged; these settings shape what is kept.
+    retention_days: float = 7.0
+    redact_hook: str | None = None      # "module:function", str -> str, after the built-ins
+    max_chars: int = 32768              # per text (request, answer); longer is cut, marked
+    purge_interval_s: float = 3600.0
+    purge_batch: int = 1000
+    max_queued: int = 1000
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    prompt_logging: PromptLoggingConfig = field(default_factory=PromptLoggingConfig)
     trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     allow_cloud_models: bool = False
     shutdown_grace_s: float = 30.0
@@ -286,6 +298,11 @@ def _validate(c: Config) -> None:
         ("limits.queue_timeout_s", c.limits.queue_timeout_s),
         ("audit.busy_timeout_s", c.audit.busy_timeout_s),
         ("audit.max_queued", c.audit.max_queued),
+        ("prompt_logging.retention_days", c.prompt_logging.retention_days),
+        ("prompt_logging.max_chars", c.prompt_logging.max_chars),
+        ("prompt_logging.purge_interval_s", c.prompt_logging.purge_interval_s),
+        ("prompt_logging.purge_batch", c.prompt_logging.purge_batch),
+        ("prompt_logging.max_queued", c.prompt_logging.max_queued),
         ("limits.key_defaults.requests_per_min", c.limits.key_defaults.requests_per_min),
         ("limits.key_defaults.tokens_per_min", c.limits.key_defaults.tokens_per_min),
         ("limits.key_defaults.max_concurrent", c.limits.key_defaults.max_concurrent),
@@ -314,6 +331,9 @@ def _validate(c: Config) -> None:
             ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ConfigError(f"trusted_proxies[{index}]: not an IP address or network: {item!r}") from None
+    hook = c.prompt_logging.redact_hook
+    if hook is not None and (hook.count(":") != 1 or not all(hook.split(":"))):
+        raise ConfigError("prompt_logging.redact_hook: must be module:function (or null)")
     if c.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: must be debug, info, warning or error")
     for dotted, path in (("paths.database", c.paths.database),

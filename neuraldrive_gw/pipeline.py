@@ -28,6 +28,7 @@ from .audit import AuditWriter
 from .auditchain import AuditRecord
 from .auth import Authenticator
 from .body import BodyError, ShapedRequest, ShapeLimits, parse_json_body, serialise, shape_request
+from .capture import TextCapture
 from .config import Config
 from .errors import (BadRequest, EndpointBlocked, GatewayError, TooManyCredentials,
                      Unauthorized, Unavailable, dialect_for_path, error_response)
@@ -37,6 +38,7 @@ from .policy import ModelPolicy
 from .principals import Principal
 from .quotas.admission import Admission, Ticket
 from .quotas.authfailures import AuthFailureLimiter
+from .promptlog import PromptEntry, PromptLog
 from .proxy import ClientWatch, Outcome, Upstream, check_status, relay_buffered, relay_stream
 from .routes import MODEL_PREFIX, Route, canonical_path, resolve
 
@@ -59,6 +61,7 @@ class Pipeline:
         self.watch = watch
         self.admission = admission
         self.audit: AuditWriter | None = None      # set by the app's accounting lifecycle
+        self.prompts: PromptLog | None = None      # set by the app's prompt log lifecycle
         self.wall = wall
         self.upstream: Upstream | None = None        # set by the app's upstream lifecycle
         self.monotonic = monotonic
@@ -124,7 +127,28 @@ class Pipeline:
                 info.get("stream", "-"), info.get("reason", "ok"), duration_ms)
             self._audit(request_id, arrived, client, request.method, status, info,
                         duration_ms, started)
+            if "prompt" in info:
+                self._log_prompt(request_id, arrived, status, info)
         return response
+
+    def _log_prompt(self, request_id: str, arrived: float, status: int,
+                    info: dict[str, object]) -> None:
+        """Hand an opted-in key's request and answer to the prompt log (never blocks)."""
+        outcome, prompt = info.get("outcome"), info["prompt"]
+        capture = outcome.capture if isinstance(outcome, Outcome) else None
+        if self.prompts is None or not isinstance(prompt, bytes):
+            return
+        settings = self.config.prompt_logging
+        text = prompt.decode("utf-8", "replace")
+        self.prompts.submit(PromptEntry(
+            request_id=request_id, at=arrived,
+            expires_at=arrived + settings.retention_days * 86400, key_id=str(info["key"]),
+            tenant=str(info["tenant"]) if info.get("tenant") else None,
+            route=str(info.get("path", "-")),
+            model=str(info["model"]) if "model" in info else None, status=status,
+            request_text=text[:settings.max_chars],
+            response_text=capture.text if capture is not None else "",
+            truncated=len(text) > settings.max_chars or bool(capture and capture.truncated)))
 
     def _audit(self, request_id: str, arrived: float, client: str, method: str, status: int,
                info: dict[str, object], duration_ms: float, started: float) -> None:
@@ -192,17 +216,35 @@ class Pipeline:
             # An upper bound (a token is at least a byte), so reservations cannot be
             # overspent by concurrent requests; the difference is refunded at settlement.
             estimate = len(body or b"") + (shaped.output_cap if shaped is not None else 0)
-        ticket = await self.admission.admit(principal, route.inference, estimate)
-        info["rate_headers"] = ticket.headers
+        # From here a client hang-up cancels the handler (ClientWatch): while it waits in
+        # the fair queue, and while it streams. aiohttp 3.8 would not tell us otherwise.
+        watched = self.watch.add(request)
         outcome = Outcome()
-        info["outcome"] = outcome
+        if route.inference and principal.record is not None and principal.record.log_prompts:
+            info["prompt"] = body or b""
+            outcome.capture = TextCapture(route.name, self.config.prompt_logging.max_chars)
+            info["outcome"] = outcome
         try:
-            return await self._forward(request, request_id, route, upstream_path, body,
-                                       shaped, principal, info, outcome, ticket.headers)
+            ticket = await self.admission.admit(principal, route.inference, estimate)
+            info["rate_headers"] = ticket.headers
+            info["outcome"] = outcome
+            try:
+                return await self._forward(request, request_id, route, upstream_path, body,
+                                           shaped, principal, info, outcome, ticket.headers)
+            finally:
+                if route.inference:
+                    self._settle(ticket, outcome, body, shaped, info)
+                ticket.release()
+        except asyncio.CancelledError:
+            # A hang-up, or a shutdown whose grace ran out: the audit row must not say "ok".
+            transport = request.transport
+            outcome.client_gone = transport is None or transport.is_closing()
+            outcome.error = outcome.error or ("client disconnected" if outcome.client_gone
+                                              else "cancelled")
+            info["reason"] = outcome.error
+            raise
         finally:
-            if route.inference:
-                self._settle(ticket, outcome, body, shaped, info)
-            ticket.release()
+            self.watch.discard(watched)
 
     @staticmethod
     def _settle(ticket: Ticket, outcome: Outcome, body: bytes | None,
@@ -249,7 +291,6 @@ class Pipeline:
         upstream = self.upstream
         if upstream is None:
             raise Unavailable("the gateway is starting")
-        task = self.watch.add(request)
         resp: aiohttp.ClientResponse | None = None
         try:
             resp = await upstream.open(request.method, upstream_path, body)
@@ -267,16 +308,7 @@ class Pipeline:
                 transform = partial(self.policy.filter_listing, route.listing, principal)
             return await relay_buffered(request, resp, route.name, request_id, outcome,
                                         extra, transform)
-        except asyncio.CancelledError:
-            # ClientWatch cancels the handler when the client hangs up; so does a shutdown
-            # whose grace ran out. Either way the audit row must not say "ok".
-            transport = request.transport
-            gone = transport is None or transport.is_closing()
-            outcome.client_gone = gone
-            outcome.error = outcome.error or ("client disconnected" if gone else "cancelled")
-            raise
         finally:
-            self.watch.discard(task)
             if outcome.error:
                 info["reason"] = outcome.error
             if resp is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from .capture import TextCapture
 from .config import UpstreamConfig
 from .errors import (GatewayError, ModelNotAllowed, UpstreamFailed, UpstreamRejected,
                      Unavailable, UpstreamTimeout)
@@ -39,6 +40,7 @@ class Outcome:
     error: str | None = None        # internal reason (logs/audit only, never the client)
     bytes_out: int = 0
     first_byte_at: float | None = None
+    capture: TextCapture | None = None   # the prompt log's copy of the answer text, if on
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -190,6 +192,8 @@ async def relay_buffered(request: web.BaseRequest, resp: aiohttp.ClientResponse,
     body = await read_body(resp)
     outcome.usage = usage_from_body(route, body)
     outcome.complete = True
+    if outcome.capture is not None:
+        outcome.capture.body(body)
     if transform is not None:
         try:
             body = transform(body)
@@ -233,6 +237,8 @@ async def relay_stream(request: web.BaseRequest, resp: aiohttp.ClientResponse, m
                         outcome.first_byte_at = monotonic()
                     await _send(out, data)
                     outcome.bytes_out += len(data)
+                    if outcome.capture is not None:
+                        outcome.capture.feed(data)
             tail = meter.finish()
             if tail:
                 await _send(out, tail)

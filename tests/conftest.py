@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -183,3 +184,15 @@ async def gw(make_gateway: GatewayFactory) -> Gateway:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+async def run_cli(gw: Gateway, command: click.Command, *args: str) -> None:
+    """Run the CLI on the gateway's database, as an operator would, and wait (bounded)
+    until the daemon has loaded the change (it polls the auth revision every 0.25 s)."""
+    before = gw.pipeline.auth.verifier.snapshot.revision
+    result = await asyncio.to_thread(cli_runner().invoke, command, [*args, "--db", gw.db_path])
+    assert result.exit_code == 0, result.output
+    deadline = time.monotonic() + 2
+    while gw.pipeline.auth.verifier.snapshot.revision == before:
+        assert time.monotonic() < deadline, "the change did not reach the gateway"
+        await asyncio.sleep(0.02)

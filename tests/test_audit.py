@@ -107,7 +107,7 @@ def unprotect(conn: sqlite3.Connection) -> None:
 
 
 def test_migration_2_adds_the_audit_tables_and_indexes(db: str) -> None:
-    assert store.SCHEMA_VERSION == len(store.MIGRATIONS) == 2
+    assert store.SCHEMA_VERSION == len(store.MIGRATIONS) >= 2
     with connected(db) as conn:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         columns = [r[1] for r in conn.execute("PRAGMA table_info(audit)")]
@@ -129,7 +129,7 @@ def test_a_version_1_database_is_migrated_keeping_its_data(
         assert store.init_db(path) == 1
         with connected(path) as conn:
             conn.execute("INSERT INTO tenants (name, created_at) VALUES ('acme', 1)")
-    assert store.init_db(path) == 2
+    assert store.init_db(path) == store.SCHEMA_VERSION
     with connected(path) as conn:
         assert conn.execute("SELECT name FROM tenants").fetchall() == [("acme",)]
         assert conn.execute("SELECT last_id, last_hash FROM audit_anchor").fetchone() == \

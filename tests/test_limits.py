@@ -8,10 +8,9 @@ import time
 from typing import Any
 
 import aiohttp
-import click
 import pytest
 
-from conftest import ALLOWED_MODEL, Gateway, GatewayFactory, cli_runner
+from conftest import ALLOWED_MODEL, Gateway, GatewayFactory, cli_runner, run_cli
 from neuraldrive_gw import keys as keyfmt
 from neuraldrive_gw import limits
 from neuraldrive_gw.cli.keys import keys
@@ -42,18 +41,6 @@ def test_parse_limit_refuses(text: str, key: bool) -> None:
 ])
 def test_describe(stored: int | None, default: int | None, shown: str) -> None:
     assert limits.describe(stored, default) == shown
-
-
-async def run_cli(gw: Gateway, command: click.Command, *args: str) -> None:
-    """Run the CLI on the gateway's database, as an operator would, and wait (bounded)
-    until the daemon has loaded the change (it polls the auth revision every 0.25 s)."""
-    before = gw.pipeline.auth.verifier.snapshot.revision
-    result = await asyncio.to_thread(cli_runner().invoke, command, [*args, "--db", gw.db_path])
-    assert result.exit_code == 0, result.output
-    deadline = time.monotonic() + 2
-    while gw.pipeline.auth.verifier.snapshot.revision == before:
-        assert time.monotonic() < deadline, "the change did not reach the gateway"
-        await asyncio.sleep(0.02)
 
 
 async def chat(http: aiohttp.ClientSession, gw: Gateway, key: str | None = None,

@@ -1,4 +1,5 @@
-"""The `neuraldrive-gw` command: serving, configuration, keys and tenants, audit, the demo."""
+"""The `neuraldrive-gw` command: serving, configuration, keys and tenants, audit, prompt log,
+the demo."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from .. import __version__
 from .audit import audit, usage
 from .db import init_db
 from .keys import keys
+from .prompts import prompts
 from .serve import check_config, serve
 from .demo import demo
 from .tenants import tenants
@@ -19,5 +21,5 @@ def main() -> None:
     """NeuralDrive API gateway: authenticated, policy-enforcing proxy in front of Ollama."""
 
 
-for command in (serve, check_config, init_db, tenants, keys, audit, usage, demo):
+for command in (serve, check_config, init_db, tenants, keys, audit, usage, prompts, demo):
     main.add_command(command)

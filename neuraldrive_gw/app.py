@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -225,7 +226,9 @@ def _discovery(config: Config, pipeline: Pipeline, catalog: Catalog) -> CleanupC
             try:
                 if upstream is None:
                     raise RuntimeError("no upstream session")
+                began = time.perf_counter()
                 catalog.update(json.loads(await upstream.fetch_json_bytes("/api/tags")))
+                catalog.latency_ms = round((time.perf_counter() - began) * 1000, 3)
                 if not ok:
                     log.info("model discovery succeeded again (%d models)",
                              len(catalog.installed()))

@@ -1,4 +1,4 @@
-"""Process lifecycle of `neuraldrive-gw serve`: runner, listener, signals, sd_notify."""
+"""Process lifecycle of `neuraldrive-gw serve`: listeners, signals, sd_notify and watchdog."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from typing import Any
 
 from aiohttp import web
 
-from . import reload
+from . import reload, status
 from .app import SERVER_OPTIONS, create_app
 from .appkeys import pipeline_of
 from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
+
+STATUS_EVERY_S = 1.0
 
 
 class Notifier:
@@ -111,9 +113,68 @@ class Reloader:
             return applied
 
 
+async def start_status(app: web.Application, path: str) -> web.AppRunner:
+    """The status socket (status.py) next to the gateway; raises if it cannot be made."""
+    status.prepare_socket_path(path)
+    runner = web.AppRunner(status.create_status_app(pipeline_of(app)), access_log=None,
+                           handle_signals=False)
+    try:
+        await runner.setup()
+        await web.UnixSite(runner, path).start()
+        status.finish_socket(path)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def status_line(app: web.Application) -> str:
+    """What `systemctl status` shows: one line an operator can act on."""
+    data = status.snapshot(pipeline_of(app), 0.0)
+    parts = ["serving" if data["state"] == "ready" else "degraded: " + "; ".join(data["problems"])]
+    requests = data["requests"]
+    parts.append(f"{requests['in_flight']} in flight")
+    if requests["queued"]:
+        parts.append(f"{requests['queued']} queued")
+    if not data["master_key"]["enabled"]:
+        parts.append("master key disabled")
+    return "; ".join(parts)
+
+
+def watchdog_interval() -> float | None:
+    """Half of WATCHDOG_USEC when systemd asks this process for pings, else None."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or int(usec) == 0:
+        return None
+    if pid and pid.isdigit() and int(pid) != os.getpid():
+        return None
+    return int(usec) / 2 / 1_000_000
+
+
+async def _keepalive(app: web.Application, notifier: Notifier, every: float | None) -> None:
+    """WATCHDOG=1 from the event loop itself (a blocked loop stops the pings, and systemd
+    restarts us), and STATUS= whenever the one-line summary changes (checked each second)."""
+    last = ""
+    next_status = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        if loop.time() >= next_status:
+            line = status_line(app)
+            if line != last:
+                notifier.notify(f"STATUS={line}")
+                last = line
+            next_status = loop.time() + STATUS_EVERY_S
+        if every is not None:
+            notifier.notify("WATCHDOG=1")
+        await asyncio.sleep(min(every or STATUS_EVERY_S, STATUS_EVERY_S))
+
+
 async def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM/SIGINT; 0 on a clean stop, non-zero when start-up fails.
-    `load` re-reads the configuration on SIGHUP (None: SIGHUP only re-reads the master key)."""
+    `load` re-reads the configuration on SIGHUP (None: SIGHUP only re-reads the master key).
+
+    READY=1 is sent once the config, master key, database, TCP listener and status socket
+    are up — not waiting for Ollama, whose absence the gateway reports instead."""
     notifier = Notifier()
     app = create_app(config)
     try:
@@ -122,12 +183,23 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
     except Exception as exc:
         log.error("start-up failed: %s", exc)
         return 1
-    log.info("listening on http://%s:%d, upstream %s", config.listen.host, config.listen.port,
-             config.upstream.url)
+    try:
+        status_runner = await start_status(app, config.paths.status_socket)
+    except Exception as exc:
+        log.error("start-up failed: status socket %s: %s", config.paths.status_socket, exc)
+        await runner.cleanup()
+        return 1
+    log.info("listening on http://%s:%d, upstream %s, status socket %s", config.listen.host,
+             config.listen.port, config.upstream.url, config.paths.status_socket)
     Reloader(app, load or (lambda: pipeline_of(app).config), notifier).install()
-    notifier.notify(f"READY=1\nSTATUS=serving on {config.listen.host}:{config.listen.port}")
+    notifier.notify(f"READY=1\nSTATUS={status_line(app)}")
+    keepalive = asyncio.get_running_loop().create_task(
+        _keepalive(app, notifier, watchdog_interval()))
     await wait_for_stop_signal()
     notifier.notify("STOPPING=1")
     log.info("stopping")
-    await runner.cleanup()
+    await runner.cleanup()          # drains streams, then flushes the audit log
+    keepalive.cancel()
+    await status_runner.cleanup()
+    status.remove_socket(config.paths.status_socket)
     return 0

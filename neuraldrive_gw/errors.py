@@ -45,6 +45,11 @@ class GatewayError(Exception):
             self.message = message
         self.headers: dict[str, str] = dict(headers or {})
 
+    @property
+    def reason(self) -> str:
+        """The outcome recorded in the audit and access logs."""
+        return type(self).__name__
+
 
 class BadRequest(GatewayError):
     status = 400
@@ -115,6 +120,21 @@ class BodyTimeout(GatewayError):
     openai_type = "invalid_request_error"
     openai_code = "request_timeout"
     anthropic_type = "timeout_error"
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before its request was read; nobody will see this answer,
+    but the audit log and the access log will (nginx's 499)."""
+
+    status = 499
+    message = "client closed the connection"
+    openai_type = "invalid_request_error"
+    openai_code = "client_closed_request"
+    anthropic_type = "invalid_request_error"
+
+    @property
+    def reason(self) -> str:
+        return "client disconnected"      # as when a hang-up cancels the handler
 
 
 class BodyTooLarge(GatewayError):

@@ -11,7 +11,7 @@ import asyncio
 
 from aiohttp import web
 
-from .errors import BodyTimeout, BodyTooLarge, UnsupportedEncoding
+from .errors import BodyTimeout, BodyTooLarge, ClientDisconnected, UnsupportedEncoding
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -43,4 +43,6 @@ async def read_body(request: web.BaseRequest, *, max_bytes: int, timeout_s: floa
                 chunks.append(chunk)
     except TimeoutError:
         raise BodyTimeout() from None
+    except ConnectionResetError:
+        raise ClientDisconnected() from None
     return b"".join(chunks)

@@ -46,8 +46,16 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("neuraldrive_gw.access")
 
 _STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
-_CLOSE_AFTER = frozenset({408, 413, 415})   # the unread body makes the connection unusable
+_CLOSE_AFTER = frozenset({408, 413, 415, 499})   # the unread body: the connection is done
 _USAGE_STRIPPABLE = frozenset({"v1_chat", "v1_completions"})
+
+
+def _cancel_reason(request: web.BaseRequest) -> str:
+    """Why a handler was cancelled: its client hung up (ClientWatch, or aiohttp itself),
+    or the daemon is stopping and the grace ran out."""
+    transport = request.transport
+    return "client disconnected" if transport is None or transport.is_closing() \
+        else "cancelled"
 
 
 class Pipeline:
@@ -106,7 +114,10 @@ class Pipeline:
             response = error_response(error, dialect, request_id)
             if error.status in _CLOSE_AFTER:
                 response.force_close()
-            info.setdefault("reason", type(error).__name__)
+            info.setdefault("reason", error.reason)
+        except asyncio.CancelledError:
+            info.setdefault("reason", _cancel_reason(request))   # nobody sees an answer
+            raise
         except Exception:
             log.exception("request %s failed", request_id)
             response = error_response(GatewayError(), dialect, request_id)
@@ -237,10 +248,8 @@ class Pipeline:
                 ticket.release()
         except asyncio.CancelledError:
             # A hang-up, or a shutdown whose grace ran out: the audit row must not say "ok".
-            transport = request.transport
-            outcome.client_gone = transport is None or transport.is_closing()
-            outcome.error = outcome.error or ("client disconnected" if outcome.client_gone
-                                              else "cancelled")
+            outcome.error = outcome.error or _cancel_reason(request)
+            outcome.client_gone = outcome.error == "client disconnected"
             info["reason"] = outcome.error
             raise
         finally:

@@ -36,6 +36,7 @@ class Catalog:
         self._monotonic = monotonic
         self._models: dict[str, str] = {}        # canonical key -> installed name
         self.refreshed_at: float | None = None
+        self.latency_ms: float | None = None     # of the last successful discovery
         self.last_error: str | None = None
         self.discovered = asyncio.Event()     # set once the first discovery succeeded
 
@@ -50,6 +51,12 @@ class Catalog:
 
     def fail(self, reason: str) -> None:
         self.last_error = reason
+
+    def age(self) -> float:
+        """Seconds since the last successful discovery (inf before the first)."""
+        if self.refreshed_at is None:
+            return float("inf")
+        return self._monotonic() - self.refreshed_at
 
     def fresh(self) -> bool:
         return self.refreshed_at is not None and \

@@ -10,6 +10,7 @@ row (nothing reset, nothing double-counted). Then it serves again and the chain 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import signal
 import sqlite3
@@ -86,8 +87,8 @@ def load(url: str, key: str, kill: threading.Event,
                 return
             try:
                 answer = request(url, key, n)
-            except (urllib.error.URLError, ConnectionError, OSError):
-                return                   # the gateway is gone
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
+                return                   # the gateway is gone (mid-answer: a broken chunk)
             with lock:
                 answered.append(answer)
                 if len(answered) >= KILL_AFTER:

@@ -247,3 +247,27 @@ async def test_in_band_upstream_error_text_never_reaches_the_client(gw: Gateway,
     assert "the model server reported an error" in text
     frames = text.split("\n\n") if "data:" in text else text.splitlines()
     assert sum("the model server" in f for f in frames) == 1     # one error frame, not two
+
+
+async def test_a_client_leaving_while_its_body_is_read_is_a_499_not_an_error(
+        gw: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    host, port = gw.url.split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gw.keys.acme}"
+                 "\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"model\""
+                 .encode())
+    await writer.drain()
+    while gw.pipeline.auth.verifier.verifications == 0:      # the body is being awaited
+        await asyncio.sleep(0.01)
+    writer.close()
+    while 499 not in gw.pipeline.requests_by_status:
+        await asyncio.sleep(0.01)
+    assert gw.pipeline.audit is not None
+    await gw.pipeline.audit.flush()
+    conn = sqlite3.connect(gw.db_path)
+    try:
+        row = conn.execute("SELECT status, outcome FROM audit").fetchone()
+    finally:
+        conn.close()
+    assert row == (499, "client disconnected")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -11,6 +11,7 @@ from .db import init_db
 from .keys import keys
 from .prompts import prompts
 from .serve import check_config, serve
+from .status import status
 from .demo import demo
 from .tenants import tenants
 
@@ -21,5 +22,6 @@ def main() -> None:
     """NeuralDrive API gateway: authenticated, policy-enforcing proxy in front of Ollama."""
 
 
-for command in (serve, check_config, init_db, tenants, keys, audit, usage, prompts, demo):
+for command in (serve, check_config, init_db, tenants, keys, audit, usage, prompts, status,
+                demo):
     main.add_command(command)

@@ -444,3 +444,18 @@ def test_tenants_limits_on_create_and_set_limits(cli: Cli) -> None:
     # 'default' is a key-only word: tenants have no defaults to go back to.
     assert "Invalid value" in cli(tenants, "set-limits", "acme", "--max-concurrent",
                                   "default", code=2).stderr
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", "99999999999999999999999", "1e3", "1_000", "0x10"])
+def test_limit_values_that_are_not_plain_numbers_are_usage_errors(cli: Cli, value: str) -> None:
+    """Exit 2 with click's message, never a traceback or an overflow in SQLite."""
+    cli(tenants, "create", "acme")
+    key_id = cli.json(keys, "create", "--tenant", "acme")["key_id"]
+    assert "is not a limit" in cli(keys, "set-limits", key_id, "--token-budget", value,
+                                   code=2).stderr
+    assert "is not a limit" in cli(tenants, "set-limits", "acme", "--tokens-per-min", value,
+                                   code=2).stderr
+    assert "Invalid value for '--weight'" in cli(tenants, "create", "big", "--weight",
+                                                 "99999999999999999999999", code=2).stderr
+    assert cli.json(keys, "show", key_id)["token_budget"] is None
+    assert [t["name"] for t in cli.json(tenants, "list")] == ["acme"]

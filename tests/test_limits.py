@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import sqlite3
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,8 +16,8 @@ import click
 import pytest
 
 from conftest import ALLOWED_MODEL, Gateway, GatewayFactory, cli_runner
+from neuraldrive_gw import admin, limits, store
 from neuraldrive_gw import keys as keyfmt
-from neuraldrive_gw import limits
 from neuraldrive_gw.cli.keys import keys
 from neuraldrive_gw.cli.tenants import tenants
 from neuraldrive_gw.devtools.fake_ollama import Fault
@@ -42,6 +46,75 @@ def test_parse_limit_refuses(text: str, key: bool) -> None:
 ])
 def test_describe(stored: int | None, default: int | None, shown: str) -> None:
     assert limits.describe(stored, default) == shown
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    path = str(tmp_path / "gw.db")
+    store.init_db(path)
+    db = store.open_db(path)
+    admin.create_tenant(db, "acme")
+    yield db
+    db.close()
+
+
+def revision(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT value FROM meta WHERE name = 'auth_revision'").fetchone()[0])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"requests_per_min": -1}, "requests_per_min must be None (the config default), 0"),
+    ({"tokens_per_min": limits.MAX_LIMIT + 1}, "tokens_per_min must be"),
+    ({"token_budget": "5000"}, "token_budget must be"),
+    ({"max_concurrent": True}, "max_concurrent must be"),
+    ({"max_concurrent": 2.5}, "max_concurrent must be"),
+    ({"budget_period": "week"}, "budget_period must be day, month or None"),
+    ({"log_prompts": 1}, "log_prompts must be true or false"),
+    ({"weight": 2}, "not a key setting: weight"),
+    ({"max_concurrent": 2, "hash": "x"}, "not a key setting: hash"),
+])
+def test_admin_refuses_key_settings_the_gateway_would_misread(
+        conn: sqlite3.Connection, settings: dict[str, object], message: str) -> None:
+    """The library checks values too: not every caller parses them like the CLI does."""
+    _, key = admin.create_key(conn, "acme")
+    before = revision(conn)
+    with pytest.raises(admin.AdminError, match=re.escape(message)):
+        admin.set_key_limits(conn, key.key_id, settings)
+    assert admin.get_key(conn, key.key_id) == key and revision(conn) == before
+    with pytest.raises(admin.AdminError):
+        admin.create_key(conn, "acme", settings=settings)
+    assert [k.key_id for k in admin.list_keys(conn)] == [key.key_id]     # rolled back
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"tokens_per_min": 0}, "tokens_per_min must be None (unlimited) or 1"),
+    ({"max_concurrent": -3}, "max_concurrent must be"),
+    ({"weight": 0}, "weight must be a whole number from 1"),
+    ({"weight": limits.MAX_WEIGHT + 1}, "weight must be"),
+    ({"budget_period": "year"}, "budget_period must be"),
+    ({"requests_per_min": 5}, "not a tenant setting: requests_per_min"),
+])
+def test_admin_refuses_tenant_settings_the_gateway_would_misread(
+        conn: sqlite3.Connection, settings: dict[str, object], message: str) -> None:
+    tenant = admin.get_tenant(conn, "acme")
+    with pytest.raises(admin.AdminError, match=re.escape(message)):
+        admin.set_tenant_limits(conn, "acme", settings)
+    assert admin.get_tenant(conn, "acme") == tenant
+    with pytest.raises(admin.AdminError):
+        admin.create_tenant(conn, "beta", settings=settings)
+    assert [t.name for t in admin.list_tenants(conn)] == ["acme"]
+
+
+def test_admin_stores_unlimited_and_default_for_keys(conn: sqlite3.Connection) -> None:
+    _, key = admin.create_key(conn, "acme", settings={"requests_per_min": limits.UNLIMITED,
+                                                      "token_budget": 10, "log_prompts": True})
+    assert (key.requests_per_min, key.token_budget, key.log_prompts) == (0, 10, True)
+    changed = admin.set_key_limits(conn, key.key_id, {"token_budget": None,
+                                                      "budget_period": "month"})
+    assert (changed.requests_per_min, changed.token_budget, changed.budget_period) == \
+        (limits.UNLIMITED, None, "month")
+    with pytest.raises(admin.AdminError, match="nothing to change"):
+        admin.set_key_limits(conn, key.key_id, {})
 
 
 async def run_cli(gw: Gateway, command: click.Command, *args: str) -> None:

@@ -50,8 +50,8 @@ def create_tenant(conn: sqlite3.Connection, name: str, *, allow_all_models: bool
     """Add a tenant; models are stored canonical; `settings` are limit columns (limits.py).
     AdminError if the name is taken."""
     check_tenant_name(name)
-    if weight < 1:
-        raise AdminError("weight must be at least 1")
+    if not limits.in_range(weight, 1, limits.MAX_WEIGHT):
+        raise AdminError(f"weight must be a whole number from 1 to {limits.MAX_WEIGHT}")
     canonical = set(canonical_models(models))
     with write_transaction(conn):
         if tenant_row(conn, name) is not None:

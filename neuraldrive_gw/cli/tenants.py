@@ -6,13 +6,15 @@ from typing import Any
 
 import click
 
-from .. import admin
+from .. import admin, limits
 from ..admin import TenantInfo, iso
 from ..config import Config
 from ..models import InvalidModelName, canonical_model
 from .common import config_options, emit_json, fail, get_config
 from .db import open_store, table, yes_no
 from .limitopts import limit_options, settings
+
+_WEIGHT = click.IntRange(1, limits.MAX_WEIGHT)
 
 
 @click.group()
@@ -25,7 +27,7 @@ def tenants() -> None:
 @click.option("--allow-all-models", is_flag=True, help="Allow every installed local model.")
 @click.option("--model", "models", multiple=True, metavar="MODEL",
               help="Allow this model (repeatable); stored in canonical form.")
-@click.option("--weight", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--weight", type=_WEIGHT, default=1, show_default=True,
               help="Fair-share weight in the request queue.")
 @limit_options(key=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the tenant as JSON.")
@@ -104,7 +106,7 @@ def set_models(name: str, add: tuple[str, ...], remove: tuple[str, ...],
 @tenants.command("set-limits")
 @click.argument("name")
 @limit_options(key=False)
-@click.option("--weight", type=click.IntRange(min=1), default=None,
+@click.option("--weight", type=_WEIGHT, default=None,
               help="Fair-share weight in the request queue.")
 @click.option("--json", "as_json", is_flag=True, help="Print the tenant as JSON.")
 @config_options

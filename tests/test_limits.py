@@ -198,3 +198,50 @@ async def test_master_key_is_unlimited_by_default(gw: Gateway,
     answers = [await chat(http, gw, gw.keys.master) for _ in range(70)]    # > 60/min
     assert {r.status for r in answers} == {200}
     assert not any(name.startswith("x-ratelimit") for name in answers[-1].headers)
+
+
+async def test_key_concurrency_set_with_the_cli(make_gateway: GatewayFactory,
+                                               http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(upstream__max_parallel=4)      # the model slot is not the limit
+    await run_cli(gw, keys, "set-limits", keyfmt.key_id(gw.keys.acme) or "",
+                  "--max-concurrent", "1")
+    gw.fake.add_fault(Fault("hang", after_frames=1, path="/api/chat", times=1))
+    held = await http.post(gw.url + "/api/chat", json={**CHAT, "stream": True},
+                           headers=gw.auth())
+    try:
+        await held.content.readline()            # the key's one request is running
+        refused = await chat(http, gw)
+        assert refused.status == 429
+        assert "concurrent" in (await refused.json())["error"]
+        assert (await chat(http, gw, gw.keys.all_models)).status == 200   # other keys run
+    finally:
+        held.close()
+    deadline = time.monotonic() + 5
+    while gw.pipeline.admission.snapshot()["in_flight_by_key"]:     # the slot comes back
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert (await chat(http, gw)).status == 200
+
+
+async def test_master_key_rate_limit_answers_like_any_key(make_gateway: GatewayFactory,
+                                                          http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(limits__master__requests_per_min=1)
+    first = await chat(http, gw, gw.keys.master)
+    assert first.status == 200 and first.headers["x-ratelimit-limit-requests"] == "1"
+    refused = await chat(http, gw, gw.keys.master)
+    assert refused.status == 429
+    assert int(refused.headers["retry-after"]) == 60 and refused.headers["retry-after-ms"]
+    assert (await chat(http, gw)).status == 200          # tenant keys keep their own limits
+    gw.clock.advance(60)
+    assert (await chat(http, gw, gw.keys.master)).status == 200
+
+
+async def test_master_key_budget_from_config(make_gateway: GatewayFactory,
+                                             http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(limits__master__token_budget=10, limits__master__budget_period="month")
+    async with http.post(gw.url + "/api/chat", json=CHAT, headers=gw.auth(gw.keys.master)) as r:
+        assert r.status == 429 and r.headers["x-should-retry"] == "false"
+        assert "budget" in (await r.json())["error"]
+    assert not [q for q in gw.fake.requests if q.path == "/api/chat"]
+    async with http.get(gw.url + "/api/tags", headers=gw.auth(gw.keys.master)) as r:
+        assert r.status == 200                           # listings reserve no tokens

@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import keys as keyfmt
 from .. import limits
+from ..config import KeyDefaults
 from ..store import write_transaction
 from .common import (MAX_LABEL, AdminError, apply_limits, check_tenant_name, iso,
                      parse_key_id, tenant_row)
@@ -35,16 +36,26 @@ class KeyInfo:
     max_concurrent: int | None
     log_prompts: bool
 
-    def to_json(self) -> dict[str, Any]:
-        return {"key_id": self.key_id, "tenant": self.tenant, "label": self.label,
+    def to_json(self, defaults: KeyDefaults | None = None) -> dict[str, Any]:
+        """The record. Own limits: a number, "unlimited", or null (the config's key default).
+        Given those defaults, `effective` also holds the limits in force, whatever their
+        source: a number or "unlimited", and the budget period."""
+        data = {"key_id": self.key_id, "tenant": self.tenant, "label": self.label,
                 "status": self.status, "created_at": iso(self.created_at),
                 "expires_at": iso(self.expires_at), "revoked_at": iso(self.revoked_at),
                 "last_used_at": iso(self.last_used_at),
                 "allow_all_models": self.allow_all_models,
-                # null: the config's key default; "unlimited": none for this key.
                 **{name: "unlimited" if getattr(self, name) == limits.UNLIMITED
                    else getattr(self, name) for name in limits.KEY_LIMITS},
                 "budget_period": self.budget_period, "log_prompts": self.log_prompts}
+        if defaults is not None:
+            in_force = {name: limits.effective(getattr(self, name), getattr(defaults, name))
+                        for name in limits.KEY_LIMITS}
+            data["effective"] = {
+                **{name: "unlimited" if value is None else value
+                   for name, value in in_force.items()},
+                "budget_period": self.budget_period or defaults.budget_period}
+        return data
 
 
 def create_key(conn: sqlite3.Connection, tenant: str, *, label: str = "",

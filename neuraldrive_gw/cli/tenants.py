@@ -154,9 +154,7 @@ def _report(info: TenantInfo, config: Config, as_json: bool, headline: str = "")
         *(("", m) for m in models[1:]),
         ("weight", info.weight),
         ("tokens per minute", info.tokens_per_min or "unlimited"),
-        ("token budget", f"{info.token_budget} per "
-         f"{info.budget_period or config.limits.key_defaults.budget_period}"
-         if info.token_budget else "unlimited"),
+        ("token budget", _budget(info, config)),
         ("max concurrent", info.max_concurrent or "unlimited"),
         ("keys", f"{info.active_keys} active, {info.keys} total"),
         ("created", iso(info.created_at)),
@@ -165,6 +163,14 @@ def _report(info: TenantInfo, config: Config, as_json: bool, headline: str = "")
                          for k, v in rows))
     if info.allow_all_models and info.models:
         click.echo("note: allow all models is on, so the list has no effect", err=True)
+
+
+def _budget(info: TenantInfo, config: Config) -> str:
+    if not info.token_budget:
+        return "unlimited"
+    if info.budget_period:
+        return f"{info.token_budget} per {info.budget_period}"
+    return f"{info.token_budget} per {config.limits.key_defaults.budget_period} (default period)"
 
 
 def _note_cloud(names: tuple[str, ...], config: Config) -> None:

@@ -15,6 +15,10 @@ _KEY_AUTH_COLUMNS = ("key_id", "tenant_id", "label", "hash", "created_at", "expi
 
 _BUMP = "UPDATE meta SET value = value + 1 WHERE name = 'auth_revision';"
 
+# The limit columns (limits.py writes and reads them). `keys`: NULL = the config default
+# (limits.key_defaults), 0 = no limit for this key whatever the default, n > 0 = n.
+# `tenants`: NULL (or 0) = no limit, n > 0 = n. 0 was always storable, so giving it a meaning
+# needed no migration; limits.py refuses every other value before it is written.
 _V1 = f"""
 CREATE TABLE meta (
     name TEXT PRIMARY KEY,

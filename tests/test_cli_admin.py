@@ -254,7 +254,10 @@ def test_create_print_key_and_json(cli: Cli) -> None:
     assert set(data) == {"key", "key_id", "tenant", "label", "status", "created_at",
                          "expires_at", "revoked_at", "last_used_at", "allow_all_models",
                          "requests_per_min", "tokens_per_min", "token_budget",
-                         "budget_period", "max_concurrent", "log_prompts"}
+                         "budget_period", "max_concurrent", "log_prompts", "effective"}
+    assert data["effective"] == {"requests_per_min": 60, "tokens_per_min": 100000,
+                                 "token_budget": "unlimited", "max_concurrent": 4,
+                                 "budget_period": "day"}       # limits.key_defaults
     assert data["status"] == "active" and data["allow_all_models"] is False
     expires = calendar.timegm(time.strptime(data["expires_at"], "%Y-%m-%dT%H:%M:%SZ"))
     assert abs(expires - (time.time() + 30 * 86400)) < 60
@@ -441,6 +444,64 @@ def test_tenants_limits_on_create_and_set_limits(cli: Cli) -> None:
     shown = cli(tenants, "show", "acme").stdout
     assert "tokens per minute: unlimited\n" in shown
     assert "token budget:      100000 per month\n" in shown
+    cli(tenants, "create", "beta", "--token-budget", "700")
+    assert "token budget:      700 per day (default period)\n" in \
+        cli(tenants, "show", "beta").stdout               # limits.key_defaults.budget_period
     # 'default' is a key-only word: tenants have no defaults to go back to.
     assert "Invalid value" in cli(tenants, "set-limits", "acme", "--max-concurrent",
                                   "default", code=2).stderr
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", "99999999999999999999999", "1e3", "1_000", "0x10"])
+def test_limit_values_that_are_not_plain_numbers_are_usage_errors(cli: Cli, value: str) -> None:
+    """Exit 2 with click's message, never a traceback or an overflow in SQLite."""
+    cli(tenants, "create", "acme")
+    key_id = cli.json(keys, "create", "--tenant", "acme")["key_id"]
+    assert "is not a limit" in cli(keys, "set-limits", key_id, "--token-budget", value,
+                                   code=2).stderr
+    assert "is not a limit" in cli(tenants, "set-limits", "acme", "--tokens-per-min", value,
+                                   code=2).stderr
+    assert "Invalid value for '--weight'" in cli(tenants, "create", "big", "--weight",
+                                                 "99999999999999999999999", code=2).stderr
+    assert cli.json(keys, "show", key_id)["token_budget"] is None
+    assert [t["name"] for t in cli.json(tenants, "list")] == ["acme"]
+
+
+def test_show_json_has_the_limits_in_force(cli: Cli) -> None:
+    cli(tenants, "create", "acme")
+    key_id = cli.json(keys, "create", "--tenant", "acme", "--tokens-per-min", "unlimited",
+                      "--max-concurrent", "9")["key_id"]
+    limited = cli.tmp / "limited.yaml"
+    limited.write_text(f"paths:\n  database: {cli.db}\nlimits:\n  key_defaults:\n"
+                       "    requests_per_min: 5\n    token_budget: 700\n"
+                       "    budget_period: month\n")
+    shown = json.loads(cli(keys, "show", key_id, "--json", config=str(limited)).stdout)
+    assert (shown["requests_per_min"], shown["tokens_per_min"], shown["max_concurrent"]) == \
+        (None, "unlimited", 9)
+    assert shown["effective"] == {"requests_per_min": 5, "tokens_per_min": "unlimited",
+                                  "token_budget": 700, "max_concurrent": 9,
+                                  "budget_period": "month"}
+    human = cli(keys, "show", key_id, config=str(limited)).stdout
+    assert "token budget:        700 (default)\n" in human
+    assert "budget period:       month (default)\n" in human
+    assert [k["effective"]["requests_per_min"] for k in cli.json(keys, "list")] == [60]
+
+
+def test_set_limits_on_a_revoked_key_is_stored_with_a_note(cli: Cli) -> None:
+    cli(tenants, "create", "acme")
+    key_id = cli.json(keys, "create", "--tenant", "acme")["key_id"]
+    cli(keys, "revoke", key_id)
+    result = cli(keys, "set-limits", key_id, "--max-concurrent", "1")
+    assert f"note: key {key_id} is revoked" in result.stderr
+    assert "max concurrent:      1\n" in result.stdout
+    assert cli.json(keys, "show", key_id)["max_concurrent"] == 1
+    assert "note:" not in cli(keys, "set-limits", cli.json(keys, "create", "--tenant", "acme")
+                              ["key_id"], "--max-concurrent", "1").stderr
+
+
+def test_tenants_set_limits_with_nothing_names_the_options(cli: Cli) -> None:
+    cli(tenants, "create", "acme")
+    message = cli(tenants, "set-limits", "acme", code=2).stderr
+    for option in ("--tokens-per-min", "--token-budget", "--budget-period", "--max-concurrent",
+                   "--weight"):
+        assert option in message

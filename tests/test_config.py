@@ -47,6 +47,15 @@ def test_yaml_then_env_then_overrides(tmp_path: Path) -> None:
     ({"upstream": {"url": "http://u:p@x:1"}}, {}, "upstream.url"),
     ({"limits": {"max_body_bytes": 0}}, {}, "limits.max_body_bytes: must be greater than 0"),
     ({"limits": {"key_defaults": {"budget_period": "week"}}}, {}, "budget_period"),
+    ({"limits": {"master": {"requests_per_min": 0}}}, {},
+     "limits.master.requests_per_min: must be greater than 0 (or null)"),
+    ({"limits": {"master": {"token_budget": -1}}}, {}, "limits.master.token_budget"),
+    ({"limits": {"master": {"max_concurrent": "2"}}}, {},
+     "limits.master.max_concurrent: must be an integer"),
+    ({"limits": {"master": {"budget_period": "week"}}}, {},
+     "limits.master.budget_period: must be day or month"),
+    ({}, {"NEURALDRIVE_GW_LIMITS_MASTER_TOKENS_PER_MIN": "0"},
+     "limits.master.tokens_per_min: must be greater than 0"),
     ({"trusted_proxies": ["not-an-ip"]}, {}, "trusted_proxies[0]"),
     ({"allow_cloud_models": "yes"}, {}, "allow_cloud_models: must be true or false"),
     ({}, {"NEURALDRIVE_GW_LISTEN_PROT": "1"}, "NEURALDRIVE_GW_LISTEN_PROT: unknown setting"),
@@ -55,6 +64,20 @@ def test_yaml_then_env_then_overrides(tmp_path: Path) -> None:
 def test_invalid_config_is_refused_with_the_dotted_path(data, env, message) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_from_mapping(data, env=env)
+
+
+def test_master_limits_default_to_none_and_come_from_yaml_or_env() -> None:
+    master = config_from_mapping({}, env={}).limits.master
+    assert (master.requests_per_min, master.tokens_per_min, master.token_budget,
+            master.max_concurrent, master.budget_period) == (None, None, None, None, "day")
+    env = {"NEURALDRIVE_GW_LIMITS_MASTER_REQUESTS_PER_MIN": "30",
+           "NEURALDRIVE_GW_LIMITS_MASTER_BUDGET_PERIOD": "month",
+           "NEURALDRIVE_GW_LIMITS_MASTER_MAX_CONCURRENT": "null"}
+    master = config_from_mapping({"limits": {"master": {"max_concurrent": 2,
+                                                        "token_budget": 9}}},
+                                 env=env).limits.master
+    assert (master.requests_per_min, master.budget_period, master.max_concurrent,
+            master.token_budget) == (30, "month", None, 9)      # the environment wins
 
 
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:

@@ -71,7 +71,8 @@ def create(tenant: str, label: str, expires: str | None, allow_all: bool | None,
 def set_limits(key_id: str, as_json: bool, config_path: str | None, db_path: str | None,
                **options: Any) -> None:
     """Change the limits of key KEY_ID (takes effect within a second). Give at least one
-    option; a limit of 'default' goes back to the config's key default."""
+    option; a limit of 'default' goes back to the config's key default. A revoked or expired
+    key is changed too (its record stays accurate), with a note that nothing is enforced."""
     changes = settings(options)
     if not changes:
         fail("nothing to change: give at least one of --requests-per-min, --tokens-per-min, "
@@ -80,8 +81,11 @@ def set_limits(key_id: str, as_json: bool, config_path: str | None, db_path: str
     config = get_config(config_path, db_path)
     with open_store(config) as conn:
         info = admin.set_key_limits(conn, key_id, changes)
+    if info.status != "active":
+        click.echo(f"note: key {info.key_id} is {info.status}: it cannot be used, so its "
+                   "limits have no effect", err=True)
     if as_json:
-        emit_json(info.to_json())
+        emit_json(info.to_json(config.limits.key_defaults))
     else:
         click.echo(f"updated key {info.key_id}")
         _print_record(info, config)
@@ -98,7 +102,7 @@ def list_(tenant: str | None, as_json: bool, config_path: str | None,
     with open_store(config) as conn:
         infos = admin.list_keys(conn, tenant)
     if as_json:
-        emit_json([info.to_json() for info in infos])
+        emit_json([info.to_json(config.limits.key_defaults) for info in infos])
         return
     if not infos:
         click.echo("no keys")
@@ -120,7 +124,7 @@ def show(key_id: str, as_json: bool, config_path: str | None, db_path: str | Non
     with open_store(config) as conn:
         info = admin.get_key(conn, key_id)
     if as_json:
-        emit_json(info.to_json())
+        emit_json(info.to_json(config.limits.key_defaults))
     else:
         _print_record(info, config)
 
@@ -135,7 +139,7 @@ def revoke(key_id: str, as_json: bool, config_path: str | None, db_path: str | N
     with open_store(config) as conn:
         info = admin.revoke_key(conn, key_id)
     if as_json:
-        emit_json(info.to_json())
+        emit_json(info.to_json(config.limits.key_defaults))
     else:
         click.echo(f"revoked key {info.key_id} (tenant {info.tenant}) at {iso(info.revoked_at)}")
 
@@ -166,7 +170,7 @@ def _print_new_key(token: str, info: KeyInfo, as_json: bool, print_key: bool,
     if print_key:
         click.echo(token)
     elif as_json:
-        emit_json({"key": token, **info.to_json()})
+        emit_json({"key": token, **info.to_json(config.limits.key_defaults)})
     else:
         click.echo(f"{verb} key {info.key_id} for tenant {info.tenant}")
         _print_record(info, config)

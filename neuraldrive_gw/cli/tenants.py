@@ -6,13 +6,15 @@ from typing import Any
 
 import click
 
-from .. import admin
+from .. import admin, limits
 from ..admin import TenantInfo, iso
 from ..config import Config
 from ..models import InvalidModelName, canonical_model
 from .common import config_options, emit_json, fail, get_config
 from .db import open_store, table, yes_no
 from .limitopts import limit_options, settings
+
+_WEIGHT = click.IntRange(1, limits.MAX_WEIGHT)
 
 
 @click.group()
@@ -25,7 +27,7 @@ def tenants() -> None:
 @click.option("--allow-all-models", is_flag=True, help="Allow every installed local model.")
 @click.option("--model", "models", multiple=True, metavar="MODEL",
               help="Allow this model (repeatable); stored in canonical form.")
-@click.option("--weight", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--weight", type=_WEIGHT, default=1, show_default=True,
               help="Fair-share weight in the request queue.")
 @limit_options(key=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the tenant as JSON.")
@@ -104,7 +106,7 @@ def set_models(name: str, add: tuple[str, ...], remove: tuple[str, ...],
 @tenants.command("set-limits")
 @click.argument("name")
 @limit_options(key=False)
-@click.option("--weight", type=click.IntRange(min=1), default=None,
+@click.option("--weight", type=_WEIGHT, default=None,
               help="Fair-share weight in the request queue.")
 @click.option("--json", "as_json", is_flag=True, help="Print the tenant as JSON.")
 @config_options
@@ -152,9 +154,7 @@ def _report(info: TenantInfo, config: Config, as_json: bool, headline: str = "")
         *(("", m) for m in models[1:]),
         ("weight", info.weight),
         ("tokens per minute", info.tokens_per_min or "unlimited"),
-        ("token budget", f"{info.token_budget} per "
-         f"{info.budget_period or config.limits.key_defaults.budget_period}"
-         if info.token_budget else "unlimited"),
+        ("token budget", _budget(info, config)),
         ("max concurrent", info.max_concurrent or "unlimited"),
         ("keys", f"{info.active_keys} active, {info.keys} total"),
         ("created", iso(info.created_at)),
@@ -163,6 +163,14 @@ def _report(info: TenantInfo, config: Config, as_json: bool, headline: str = "")
                          for k, v in rows))
     if info.allow_all_models and info.models:
         click.echo("note: allow all models is on, so the list has no effect", err=True)
+
+
+def _budget(info: TenantInfo, config: Config) -> str:
+    if not info.token_budget:
+        return "unlimited"
+    if info.budget_period:
+        return f"{info.token_budget} per {info.budget_period}"
+    return f"{info.token_budget} per {config.limits.key_defaults.budget_period} (default period)"
 
 
 def _note_cloud(names: tuple[str, ...], config: Config) -> None:

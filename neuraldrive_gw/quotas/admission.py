@@ -306,7 +306,8 @@ class Admission:
     @staticmethod
     def _headers(requests: TokenBucket | None, tokens: list[TokenBucket]) -> dict[str, str]:
         """`x-ratelimit-*` for the key's request bucket and the tightest token bucket;
-        a dimension without a limit (the master key) has no headers."""
+        a dimension without a limit (an unlimited key, the master key by default) has
+        no headers."""
         headers: dict[str, str] = {}
         tightest = min(tokens, key=lambda b: b.level()) if tokens else None
         for kind, bucket in (("requests", requests), ("tokens", tightest)):

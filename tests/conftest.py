@@ -196,3 +196,4 @@ async def run_cli(gw: Gateway, command: click.Command, *args: str) -> None:
     while gw.pipeline.auth.verifier.snapshot.revision == before:
         assert time.monotonic() < deadline, "the change did not reach the gateway"
         await asyncio.sleep(0.02)
+

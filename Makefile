@@ -15,8 +15,8 @@ SYSPY := /usr/bin/python3
 DEBIAN_RUNTIME := python3-aiohttp python3-aiosqlite python3-argon2 python3-sdnotify \
 	python3-yaml python3-click
 DEBIAN_TEST := python3-pytest python3-pytest-aiohttp python3-aioresponses \
-	python3-pytest-timeout python3-pip curl
-DEBIAN_BASE := python3 python3-venv python3-pip curl
+	python3-pytest-timeout python3-pip curl caddy openssl
+DEBIAN_BASE := python3 python3-venv python3-pip curl caddy openssl
 
 .PHONY: help demo test test-pypi test-debian typecheck check clean docs
 

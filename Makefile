@@ -17,8 +17,14 @@ DEBIAN_RUNTIME := python3-aiohttp python3-aiosqlite python3-argon2 python3-sdnot
 DEBIAN_TEST := python3-pytest python3-pytest-aiohttp python3-aioresponses \
 	python3-pytest-timeout python3-pip curl caddy openssl
 DEBIAN_BASE := python3 python3-venv python3-pip curl caddy openssl
+DEB_BUILD_DEPS := debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
+	dpkg-dev fakeroot lintian git
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' neuraldrive_gw/__init__.py)
+DEB := build/deb/neuraldrive-gw_$(VERSION)_all.deb
+# dpkg-buildpackage and lintian with Debian's own tools only (python3 may be a pyenv shim).
+CLEAN_ENV := env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=$(HOME) LANG=C.UTF-8
 
-.PHONY: help demo test test-pypi test-debian typecheck check clean docs
+.PHONY: help demo test test-pypi test-debian typecheck check clean docs deb lint-deb lint-unit
 
 help: ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -55,3 +61,22 @@ clean: ## Remove the venv and caches
 
 docs: $(VENV)/.installed ## Regenerate docs/cli.md from --help
 	$(VENV)/bin/python tools/gen_cli_docs.py > docs/cli.md
+
+deb: ## Build the Debian package with dh-python into build/deb/, then lintian it
+	tools/bootstrap-debian $(DEB_BUILD_DEPS)
+	@head -1 packaging/deb/debian/changelog | grep -q "($(VERSION))" || \
+		{ echo "debian/changelog does not match __version__ $(VERSION)" >&2; exit 1; }
+	rm -rf build/deb && mkdir -p build/deb/neuraldrive-gw-$(VERSION)
+	git ls-files -z --cached --others --exclude-standard | \
+		tar -c --null -T - | tar -x -C build/deb/neuraldrive-gw-$(VERSION)
+	cp -r packaging/deb/debian build/deb/neuraldrive-gw-$(VERSION)/debian
+	cp systemd/neuraldrive-gw.service build/deb/neuraldrive-gw-$(VERSION)/debian/
+	cd build/deb/neuraldrive-gw-$(VERSION) && $(CLEAN_ENV) dpkg-buildpackage -us -uc -b
+	$(MAKE) lint-deb
+
+lint-deb: ## lintian on the built package: no errors, no warnings
+	$(CLEAN_ENV) lintian --fail-on error,warning --pedantic $(DEB)
+
+lint-unit: ## systemd-analyze security of the unit: exposure 1.5 or lower
+	$(CLEAN_ENV) systemd-analyze security --offline=true --threshold=15 \
+		systemd/neuraldrive-gw.service

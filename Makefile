@@ -24,7 +24,8 @@ DEB := build/deb/neuraldrive-gw_$(VERSION)_all.deb
 # dpkg-buildpackage and lintian with Debian's own tools only (python3 may be a pyenv shim).
 CLEAN_ENV := env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=$(HOME) LANG=C.UTF-8
 
-.PHONY: help demo test test-pypi test-debian typecheck check clean docs deb lint-deb lint-unit
+.PHONY: help demo test test-pypi test-debian typecheck check clean docs deb lint-deb lint-unit \
+	bench-compare deb-e2e
 
 help: ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -77,6 +78,22 @@ deb: ## Build the Debian package with dh-python into build/deb/, then lintian it
 lint-deb: ## lintian on the built package: no errors, no warnings
 	$(CLEAN_ENV) lintian --fail-on error,warning --pedantic $(DEB)
 
+deb-e2e: deb ## Boot test: install the .deb in a Debian 12 container, check it under real systemd
+	tools/bootstrap-debian debootstrap systemd-container
+	tools/deb-e2e $(DEB)
+
 lint-unit: ## systemd-analyze security of the unit: exposure 1.5 or lower
 	$(CLEAN_ENV) systemd-analyze security --offline=true --threshold=15 \
 		systemd/neuraldrive-gw.service
+
+BENCH_DIR ?= ../shared/bench
+BENCH_DUR ?= 10
+bench-compare: $(VENV)/.installed ## The gateway next to the bare aiohttp proxy (BENCH_DIR's compare.py)
+	tools/bootstrap-debian wrk util-linux
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check psutil
+	mkdir -p build
+	cd $(BENCH_DIR) && $(CURDIR)/$(VENV)/bin/python compare.py --dur $(BENCH_DUR) \
+		--gateway-setup '$(CURDIR)/bench/gateway-setup {workdir} $(CURDIR)/$(VENV)/bin/python' \
+		--gateway-cmd 'exec $(CURDIR)/$(VENV)/bin/python -m neuraldrive_gw serve --config {workdir}/gw.yaml --listen 127.0.0.1:{port} --upstream {upstream}' \
+		--gateway-ready /healthz --out $(CURDIR)/build/bench-results.jsonl \
+		| tee $(CURDIR)/build/bench-comparison.md

@@ -170,7 +170,9 @@ def config_from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None =
         node = merged
         *parents, leaf = dotted.split(".")
         for name in parents:
-            child = node.setdefault(name, {})
+            child = node.get(name)
+            if child is None:            # absent, or a section with every line commented out
+                child = node[name] = {}
             if not isinstance(child, dict):
                 raise ConfigError(f"{'.'.join(parents)}: must be a mapping")
             node = child

@@ -92,6 +92,16 @@ def test_bad_yaml_is_an_error(tmp_path: Path) -> None:
         load_config(str(path), env={})
 
 
+def test_the_shipped_config_takes_command_line_and_environment_overrides() -> None:
+    """Its sections have every line commented out (YAML null): `--db` and NEURALDRIVE_GW_*
+    must still reach into them (the package's postinst runs `init-db --db ...` with it)."""
+    shipped = str(REPO / "etc" / "gw.yaml")
+    config = load_config(shipped, env={"NEURALDRIVE_GW_LIMITS_MAX_BODY_BYTES": "1024"},
+                         overrides={"paths.database": "/tmp/x.db"})
+    assert config.paths.database == "/tmp/x.db" and config.limits.max_body_bytes == 1024
+    assert config.paths.status_socket == Config().paths.status_socket
+
+
 def test_shipped_config_documents_every_key_and_loads() -> None:
     """etc/gw.yaml lists every setting (commented out at its default) and is itself valid."""
     text = (REPO / "etc" / "gw.yaml").read_text()

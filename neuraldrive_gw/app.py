@@ -158,7 +158,8 @@ def _prompt_log(config: Config, pipeline: Pipeline, clock: Clock) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = config.prompt_logging
         prompts = PromptLog(config.paths.database, hook=load_hook(settings.redact_hook),
-                            max_queued=settings.max_queued, purge_batch=settings.purge_batch)
+                            max_chars=settings.max_chars, max_queued=settings.max_queued,
+                            purge_batch=settings.purge_batch)
         await prompts.start()
 
         async def purge() -> None:

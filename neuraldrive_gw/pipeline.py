@@ -38,7 +38,7 @@ from .policy import ModelPolicy
 from .principals import Principal
 from .quotas.admission import Admission, Ticket
 from .quotas.authfailures import AuthFailureLimiter
-from .promptlog import PromptEntry, PromptLog
+from .promptlog import REDACTION_MARGIN, PromptEntry, PromptLog
 from .proxy import ClientWatch, Outcome, Upstream, check_status, relay_buffered, relay_stream
 from .routes import MODEL_PREFIX, Route, canonical_path, resolve
 
@@ -157,9 +157,9 @@ class Pipeline:
             tenant=str(info["tenant"]) if info.get("tenant") else None,
             route=str(info.get("path", "-")),
             model=str(info["model"]) if "model" in info else None, status=status,
-            request_text=text[:settings.max_chars],
+            request_text=text[:settings.max_chars + REDACTION_MARGIN],  # cut after redaction
             response_text=capture.text if capture is not None else "",
-            truncated=len(text) > settings.max_chars or bool(capture and capture.truncated)))
+            truncated=bool(capture and capture.truncated)))
 
     def _audit(self, request_id: str, arrived: float, client: str, method: str, status: int,
                info: dict[str, object], duration_ms: float, started: float) -> None:
@@ -233,7 +233,8 @@ class Pipeline:
         outcome = Outcome()
         if route.inference and principal.record is not None and principal.record.log_prompts:
             info["prompt"] = body or b""
-            outcome.capture = TextCapture(route.name, self.config.prompt_logging.max_chars)
+            outcome.capture = TextCapture(
+                route.name, self.config.prompt_logging.max_chars + REDACTION_MARGIN)
             info["outcome"] = outcome
         try:
             ticket = await self.admission.admit(principal, route.inference, estimate)

@@ -35,6 +35,9 @@ _KEY = re.compile(r"nd-[A-Za-z0-9]{32}")
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 KEY_MARK, EMAIL_MARK = "nd-[redacted]", "[email]"
 FLUSH_INTERVAL_S = 0.2
+# Texts are captured this much beyond max_chars, redacted, and only then cut: longer than
+# any pattern, so a key or address across the cut is still recognised and replaced.
+REDACTION_MARGIN = 1024
 _INSERT = ("INSERT INTO prompt_log (request_id, at, expires_at, key_id, tenant, route, model, "
            "status, request_text, response_text, truncated) "
            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
@@ -87,10 +90,11 @@ class PromptLog:
     """`await start()`, `submit()` from the pipeline, `await close()`; `purge()` deletes
     expired rows in batches (run every `purge_interval_s` by the app)."""
 
-    def __init__(self, path: str, *, hook: Hook | None, max_queued: int = 1000,
-                 purge_batch: int = 1000):
+    def __init__(self, path: str, *, hook: Hook | None, max_chars: int = 32768,
+                 max_queued: int = 1000, purge_batch: int = 1000):
         self._path = path
         self._hook = hook
+        self._max_chars = max_chars
         self._max_queued = max_queued
         self._purge_batch = purge_batch
         self._queue: deque[PromptEntry] = deque()
@@ -183,8 +187,15 @@ class PromptLog:
         rows: list[tuple[object, ...]] = []
         for entry in batch:
             try:
-                clean = replace(entry, request_text=self._redact(entry.request_text),
-                                response_text=self._redact(entry.response_text))
+                # Redact first, then cut: a key across the cut would otherwise leave a
+                # piece too short for the patterns to recognise.
+                request_text = self._redact(entry.request_text)
+                response_text = self._redact(entry.response_text)
+                cut = len(request_text) > self._max_chars or \
+                    len(response_text) > self._max_chars
+                clean = replace(entry, request_text=request_text[:self._max_chars],
+                                response_text=response_text[:self._max_chars],
+                                truncated=entry.truncated or cut)
             except Exception as exc:
                 self.redaction_failures += 1
                 log.warning("prompt log: redaction failed for request %s (%s); not stored",

@@ -6,7 +6,8 @@ master key's limits, model policy, upstream URL and timeouts, discovery timing,
 `upstream.max_parallel`, trusted proxies and the shutdown grace (the daemon sets the
 log level). Sections
 bound to resources opened at start-up — the listening address, the files, the audit
-writer — keep their running values until a restart, and the reload says so in the log.
+writer, the prompt log — keep their running values until a restart, and the reload
+says so in the log.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from .pipeline import Pipeline
 log = logging.getLogger(__name__)
 
 # Sections of Config that only a restart can change: the listener, every path (database,
-# master key file, status socket) and the audit writer's connection settings.
-RESTART_ONLY = ("listen", "paths", "audit")
+# master key file, status socket), the audit writer's connection settings and the prompt
+# log (its redaction hook is imported once, at start-up).
+RESTART_ONLY = ("listen", "paths", "audit", "prompt_logging")
 
 
 def apply(pipeline: Pipeline, new: Config) -> list[str]:

@@ -212,3 +212,31 @@ async def test_logging_never_delays_or_fails_requests_when_its_queue_is_full(
     await flushed(gw)
     assert gw.pipeline.prompts is not None
     assert len(rows(gw)) + gw.pipeline.prompts.dropped == 4
+
+
+async def test_a_key_across_the_length_cut_is_still_redacted(
+        make_gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(prompt_logging__max_chars=200)
+    await opt_in(gw, gw.keys.acme)
+    # The stored request is the forwarded JSON: make the key start 10 characters before
+    # the 200-character cut.
+    prefix = f'{{"model":"{ALLOWED_MODEL}","stream":false,"messages":[{{"role":"user",' \
+             '"content":"'
+    filler = "x" * (190 - len(prefix) - 1)
+    body = {"model": ALLOWED_MODEL, "stream": False,
+            "messages": [{"role": "user", "content": f"{filler} {SECRET_KEY} tail"}]}
+    async with http.post(gw.url + "/api/chat", json=body, headers=gw.auth()) as r:
+        assert r.status == 200
+    await flushed(gw)
+    [row] = rows(gw)
+    assert row["request_text"].startswith(prefix + filler + " nd-[redacted]"[:10])
+    assert len(row["request_text"]) == 200 and row["truncated"] == 1
+    assert SECRET_KEY[3:10] not in row["request_text"]
+
+
+def test_check_config_refuses_a_hook_that_cannot_be_loaded(tmp_path: Any) -> None:
+    from neuraldrive_gw.cli.serve import check_config
+    config = tmp_path / "gw.yaml"
+    config.write_text("prompt_logging:\n  redact_hook: no_such_module_xyz:f\n")
+    result = cli_runner().invoke(check_config, ["--config", str(config)])
+    assert result.exit_code == 2 and "cannot import no_such_module_xyz" in result.stderr

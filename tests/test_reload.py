@@ -78,8 +78,9 @@ async def test_sections_bound_to_open_resources_keep_their_running_values(
         gw: Gateway, http: aiohttp.ClientSession) -> None:
     old = gw.pipeline.config
     new = changed(old, listen={"port": 1}, paths={"database": "/nonexistent.db"},
-                  audit={"max_queued": 5}, limits={"max_body_bytes": 10})
-    assert reload.apply(gw.pipeline, new) == ["listen", "paths", "audit"]
+                  audit={"max_queued": 5}, prompt_logging={"redact_hook": "x:y"},
+                  limits={"max_body_bytes": 10})
+    assert reload.apply(gw.pipeline, new) == ["listen", "paths", "audit", "prompt_logging"]
     running = gw.pipeline.config
     assert (running.listen, running.paths, running.audit) == (old.listen, old.paths, old.audit)
     assert running.limits.max_body_bytes == 10                  # the rest did change

@@ -14,7 +14,8 @@ from ..auth import read_master_key
 from ..config import load_config
 from ..daemon import serve as run_daemon
 from ..daemon import setup_logging
-from .common import config_options, get_config
+from ..promptlog import HookError, load_hook
+from .common import config_options, fail, get_config
 
 
 @click.command()
@@ -50,6 +51,10 @@ def check_config(config_path: str | None, db_path: str | None) -> None:
     Exit status: 0 all good, 1 a problem with the master key or database, 2 invalid config.
     """
     config = get_config(config_path, db_path)
+    try:
+        load_hook(config.prompt_logging.redact_hook)     # the daemon would refuse to start
+    except HookError as exc:
+        fail(f"config error: {exc}", code=2)
     click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
     problems = []
     master = read_master_key(config.paths.master_key_file)

@@ -241,13 +241,15 @@ class Admission:
         scopes = self._scopes(principal, key_lim, tenant_lim)
 
         # 1. Checks. Nothing below mutates quota state until every check has passed.
-        headers = self._headers(requests, tokens)
+        # Refusals carry the headers as they stand (computed only when refusing).
+        def headers() -> dict[str, str]:
+            return self._headers(requests, tokens)
         for (kind, name), lim in scopes:
             active = (self._key_active if kind == "key" else self._tenant_active).get(name, 0)
             if lim.max_concurrent is not None and active >= lim.max_concurrent:
                 self.counters["rejected_concurrency"] += 1
                 raise TooManyConcurrent(f"too many concurrent requests for this {kind}",
-                                        headers=headers)
+                                        headers=headers())
         now = self.clock.time()
         # A request that reserves no tokens (listings, show) is not held to token limits.
         budgets = [(scope, lim.token_budget, lim.budget_period) for scope, lim in scopes
@@ -259,16 +261,16 @@ class Admission:
                 raise BudgetExhausted(
                     f"token budget exhausted for this {scope[0]}; it resets at "
                     f"{format_reset(period, now)}",
-                    retry_after_s=reset_time(period, now) - now, headers=headers)
+                    retry_after_s=reset_time(period, now) - now, headers=headers())
         if requests is not None and not requests.can_take(1):
             self.counters["rejected_rate"] += 1
             raise RateLimited("request rate limit reached for this key",
-                              retry_after_s=requests.seconds_until(1), headers=headers)
+                              retry_after_s=requests.seconds_until(1), headers=headers())
         for bucket in tokens if estimate > 0 else []:
             if not bucket.can_take(estimate):
                 self.counters["rejected_rate"] += 1
                 raise RateLimited("token rate limit reached",
-                                  retry_after_s=bucket.seconds_until(estimate), headers=headers)
+                                  retry_after_s=bucket.seconds_until(estimate), headers=headers())
 
         # 2. Debits: all of them, with no await since the checks.
         ticket = Ticket(self, principal, estimate)

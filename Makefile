@@ -14,9 +14,12 @@ PYTEST_ARGS ?=
 SYSPY := /usr/bin/python3
 DEBIAN_RUNTIME := python3-aiohttp python3-aiosqlite python3-argon2 python3-sdnotify \
 	python3-yaml python3-click
+# Programs the tests run as real processes, in both worlds: curl (test_process, test_caddy)
+# and Debian's caddy 2.6 in front of the gateway (test_caddy).
+DEBIAN_TOOLS := curl caddy
 DEBIAN_TEST := python3-pytest python3-pytest-aiohttp python3-aioresponses \
-	python3-pytest-timeout python3-pip curl caddy openssl
-DEBIAN_BASE := python3 python3-venv python3-pip curl caddy openssl
+	python3-pytest-timeout python3-trustme python3-pip $(DEBIAN_TOOLS)
+DEBIAN_BASE := python3 python3-venv python3-pip $(DEBIAN_TOOLS)
 DEB_BUILD_DEPS := debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
 	dpkg-dev fakeroot lintian git
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' neuraldrive_gw/__init__.py)
@@ -43,6 +46,7 @@ demo: $(VENV)/.installed ## Run the gateway demo (fake Ollama, temp DB, demo key
 test: test-$(DEPS) ## Run the tests (DEPS=pypi: newest releases; DEPS=debian: Debian 12 packages)
 
 test-pypi: $(VENV)/.installed
+	tools/bootstrap-debian $(DEBIAN_TOOLS)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-debian:

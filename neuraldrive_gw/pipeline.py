@@ -230,16 +230,14 @@ class Pipeline:
         # From here a client hang-up cancels the handler (ClientWatch): while it waits in
         # the fair queue, and while it streams. aiohttp 3.8 would not tell us otherwise.
         watched = self.watch.add(request)
-        outcome = Outcome()
+        outcome = info["outcome"] = Outcome()
         if route.inference and principal.record is not None and principal.record.log_prompts:
             info["prompt"] = body or b""
             outcome.capture = TextCapture(
                 route.name, self.config.prompt_logging.max_chars + REDACTION_MARGIN)
-            info["outcome"] = outcome
         try:
             ticket = await self.admission.admit(principal, route.inference, estimate)
             info["rate_headers"] = ticket.headers
-            info["outcome"] = outcome
             try:
                 return await self._forward(request, request_id, route, upstream_path, body,
                                            shaped, principal, info, outcome, ticket.headers)

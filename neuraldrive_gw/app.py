@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from . import keys, store
@@ -80,7 +79,7 @@ def create_app(config: Config, *, clock: Clock | None = None,
         _accounting(config, pipeline, ledger, clock),
         _prompt_log(config, pipeline, clock),
         _master_key(master),
-        _upstream(config, pipeline, clock),
+        _upstream(config, pipeline),
         _discovery(config, pipeline, catalog),
         _background(pipeline.watch.run),
     ])
@@ -207,15 +206,13 @@ def _master_key(master: MasterKey) -> CleanupCtx:
     return ctx
 
 
-def _upstream(config: Config, pipeline: Pipeline, clock: Clock) -> CleanupCtx:
+def _upstream(config: Config, pipeline: Pipeline) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, enable_cleanup_closed=False),
-            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False, trust_env=False)
-        pipeline.upstream = Upstream.configured(config.upstream, session, clock.monotonic)
+        pipeline.upstream = Upstream.configured(config.upstream)
         yield
-        pipeline.upstream = None
-        await session.close()
+        upstream, pipeline.upstream = pipeline.upstream, None
+        if upstream is not None:
+            await upstream.close()
     return ctx
 
 

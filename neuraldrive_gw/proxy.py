@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import aiohttp
 from aiohttp import web
 
 from .capture import TextCapture
@@ -21,6 +20,9 @@ from .config import UpstreamConfig
 from .errors import (GatewayError, ModelNotAllowed, UpstreamFailed, UpstreamRejected,
                      Unavailable, UpstreamTimeout)
 from .metering import StreamMeter, Usage, usage_from_body
+from .upstream_http import Response as UpstreamResponse
+from .upstream_http import (UpstreamClient, UpstreamIOError, UpstreamReadTimeout,
+                            parse_base_url)
 
 log = logging.getLogger(__name__)
 
@@ -97,48 +99,50 @@ class ClientWatch:
 
 
 class Upstream:
-    """The one ClientSession to Ollama, and the request/relay logic around it."""
+    """The connections to Ollama (upstream_http), and the request logic around them."""
 
-    def __init__(self, base_url: str, host_port: str, *, connect_timeout_s: float,
-                 read_timeout_s: float, session: aiohttp.ClientSession,
-                 monotonic: Callable[[], float]):
-        self.base_url = base_url.rstrip("/")
-        self.session = session
-        self._headers = {"Host": host_port, "Accept-Encoding": "identity"}
-        self._json_headers = {**self._headers, "Content-Type": "application/json"}
-        self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
-                                             sock_connect=connect_timeout_s,
-                                             sock_read=read_timeout_s)
-        self._monotonic = monotonic
+    def __init__(self, client: UpstreamClient):
+        self.client = client
 
     @classmethod
-    def configured(cls, config: UpstreamConfig, session: aiohttp.ClientSession,
-                   monotonic: Callable[[], float]) -> Upstream:
-        return cls(config.url, config.host_port, connect_timeout_s=config.connect_timeout_s,
-                   read_timeout_s=config.read_timeout_s, session=session, monotonic=monotonic)
+    def configured(cls, config: UpstreamConfig) -> Upstream:
+        """A client for the configured upstream (connections open on demand; call it
+        from the running event loop)."""
+        host, port = parse_base_url(config.url)
+        return cls(UpstreamClient(host, port, connect_timeout_s=config.connect_timeout_s,
+                                  read_timeout_s=config.read_timeout_s))
 
-    async def open(self, method: str, path: str, body: bytes | None) -> aiohttp.ClientResponse:
+    def reconfigure(self, config: UpstreamConfig) -> Upstream:
+        """The upstream for a reloaded config: this one with new timeouts, or a new one
+        when the URL changed (this one then closes its connections as they come free)."""
+        host, port = parse_base_url(config.url)
+        if (host, port) == (self.client.host, self.client.port):
+            self.client.configure(connect_timeout_s=config.connect_timeout_s,
+                                  read_timeout_s=config.read_timeout_s)
+            return self
+        self.client.retire()
+        return Upstream(UpstreamClient(host, port, connect_timeout_s=config.connect_timeout_s,
+                                       read_timeout_s=config.read_timeout_s))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def open(self, method: str, path: str, body: bytes | None) -> UpstreamResponse:
         """Send the request; map connection failures to 502 and timeouts to 504."""
         try:
-            return await self.session.request(
-                method, self.base_url + path, data=body,
-                headers=self._json_headers if body is not None else self._headers,
-                allow_redirects=False, timeout=self.timeout)
-        except asyncio.TimeoutError:
+            return await self.client.request(method, path, body)
+        except UpstreamReadTimeout:
             raise UpstreamTimeout() from None
-        except aiohttp.ClientError as exc:
-            log.warning("upstream request failed: %s", type(exc).__name__)
+        except UpstreamIOError as exc:
+            log.warning("upstream request failed: %s", exc)
             raise UpstreamFailed("the model server is unavailable") from None
 
     async def fetch_json_bytes(self, path: str) -> bytes:
         """GET a small JSON document (discovery); raises on any failure."""
-        async with await self.open("GET", path, None) as resp:
-            if resp.status != 200:
-                raise UpstreamFailed(f"status {resp.status}")
-            return await resp.read()
+        return await self.client.get_bytes(path, MAX_BUFFERED_BODY)
 
 
-def check_status(resp: aiohttp.ClientResponse, *, model_route: bool) -> None:
+def check_status(resp: UpstreamResponse, *, model_route: bool) -> None:
     """Turn an upstream non-2xx status into a sanitised GatewayError."""
     status = resp.status
     if 200 <= status < 300:
@@ -158,34 +162,26 @@ def check_status(resp: aiohttp.ClientResponse, *, model_route: bool) -> None:
     raise error
 
 
-def response_headers(resp: aiohttp.ClientResponse, request_id: str,
+def response_headers(resp: UpstreamResponse, request_id: str,
                      extra: Mapping[str, str]) -> dict[str, str]:
-    content_type = resp.headers.get("Content-Type", "application/json")
+    content_type = resp.headers.get("content-type", "application/json")
     if not content_type.startswith(_PASS_CONTENT_TYPES):
         content_type = "application/octet-stream"
     return {**extra, "Content-Type": content_type, "X-Request-ID": request_id}
 
 
-async def read_body(resp: aiohttp.ClientResponse) -> bytes:
+async def read_body(resp: UpstreamResponse) -> bytes:
     """Read a non-streaming upstream body, bounded; truncation or reset → 502."""
-    if resp.content_length is not None and resp.content_length > MAX_BUFFERED_BODY:
-        raise UpstreamFailed("the model server's answer is too large")
-    chunks: list[bytes] = []
-    size = 0
     try:
-        async for chunk in resp.content.iter_any():
-            size += len(chunk)
-            if size > MAX_BUFFERED_BODY:
-                raise UpstreamFailed("the model server's answer is too large")
-            chunks.append(chunk)
-    except asyncio.TimeoutError:
+        return await resp.read(MAX_BUFFERED_BODY)
+    except UpstreamReadTimeout:
         raise UpstreamTimeout() from None
-    except aiohttp.ClientError:
+    except UpstreamIOError as exc:
+        log.warning("upstream answer unreadable: %s", exc)
         raise UpstreamFailed() from None
-    return b"".join(chunks)
 
 
-async def relay_buffered(request: web.BaseRequest, resp: aiohttp.ClientResponse, route: str,
+async def relay_buffered(request: web.BaseRequest, resp: UpstreamResponse, route: str,
                          request_id: str, outcome: Outcome, extra: Mapping[str, str],
                          transform: Callable[[bytes], bytes] | None = None) -> web.Response:
     """Relay a non-streaming answer (after metering it and, for listings, filtering it)."""
@@ -219,7 +215,7 @@ async def _send(out: web.StreamResponse, data: bytes) -> None:
         raise _ClientGone() from None
 
 
-async def relay_stream(request: web.BaseRequest, resp: aiohttp.ClientResponse, meter: StreamMeter,
+async def relay_stream(request: web.BaseRequest, resp: UpstreamResponse, meter: StreamMeter,
                        request_id: str, outcome: Outcome, extra: Mapping[str, str],
                        monotonic: Callable[[], float]) -> web.StreamResponse:
     """Relay a stream chunk by chunk as it arrives; end a broken one with an error frame."""
@@ -230,7 +226,7 @@ async def relay_stream(request: web.BaseRequest, resp: aiohttp.ClientResponse, m
     try:
         await out.prepare(request)
         try:
-            async for chunk in resp.content.iter_any():
+            while chunk := await resp.read_chunk():
                 data = meter.feed(chunk)
                 if data:
                     if outcome.first_byte_at is None:
@@ -247,10 +243,10 @@ async def relay_stream(request: web.BaseRequest, resp: aiohttp.ClientResponse, m
                 outcome.error = f"upstream reported an error: {meter.upstream_error}"
             elif not meter.complete:
                 outcome.error = "upstream ended the stream without a final frame"
-        except asyncio.TimeoutError:
+        except UpstreamReadTimeout:
             outcome.error = "upstream read timeout"
-        except aiohttp.ClientError as exc:     # reset, truncated chunked body, ...
-            outcome.error = f"upstream connection lost ({type(exc).__name__})"
+        except UpstreamIOError as exc:         # reset, truncated or malformed body, ...
+            outcome.error = f"upstream connection lost ({exc})"
         except ValueError as exc:              # the meter refused an unbounded event
             outcome.error = f"upstream protocol error ({exc})"
         outcome.complete = meter.complete and outcome.error is None

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import reload, status
+from . import logsink, reload, status
 from .app import SERVER_OPTIONS, create_app
 from .appkeys import pipeline_of
 from .config import Config, ConfigError
@@ -38,9 +38,21 @@ class Notifier:
             self._notifier.notify(message)
 
 
+_log_sink: logsink.BatchingStreamHandler | None = None
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=level.upper(),
-                        format="%(levelname)s %(name)s: %(message)s")
+    """stderr, one line per record, INFO lines written in batches (logsink.py)."""
+    global _log_sink
+    _log_sink = logsink.setup(level, sys.stderr)
+
+
+async def _flush_logs() -> None:
+    """Write the batched log lines every FLUSH_EVERY_S (a quiet daemon holds none back)."""
+    while True:
+        await asyncio.sleep(logsink.FLUSH_EVERY_S)
+        if _log_sink is not None:
+            _log_sink.flush()
 
 
 def _runner_and_site_kwargs(grace_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -193,13 +205,15 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> int
              config.listen.port, config.upstream.url, config.paths.status_socket)
     Reloader(app, load or (lambda: pipeline_of(app).config), notifier).install()
     notifier.notify(f"READY=1\nSTATUS={status_line(app)}")
-    keepalive = asyncio.get_running_loop().create_task(
-        _keepalive(app, notifier, watchdog_interval()))
+    loop = asyncio.get_running_loop()
+    keepalive = loop.create_task(_keepalive(app, notifier, watchdog_interval()))
+    flusher = loop.create_task(_flush_logs())
     await wait_for_stop_signal()
     notifier.notify("STOPPING=1")
     log.info("stopping")
     await runner.cleanup()          # drains streams, then flushes the audit log
     keepalive.cancel()
+    flusher.cancel()
     await status_runner.cleanup()
     status.remove_socket(config.paths.status_socket)
     return 0

@@ -8,8 +8,31 @@ from collections.abc import Sequence
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+_MEMO_MAX = 4096
+
+
 def parse_networks(items: Sequence[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+
+
+class TrustedProxies:
+    """The `trusted_proxies` networks, with the verdict per address remembered: parsing
+    the peer's address on every request cost more than the rest of this module."""
+
+    def __init__(self, items: Sequence[str]):
+        self.networks = parse_networks(items)
+        self._memo: dict[str, bool] = {}
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, str):
+            return False
+        verdict = self._memo.get(address)
+        if verdict is None:
+            verdict = _trusted(address, self.networks)
+            if len(self._memo) >= _MEMO_MAX:     # bounded: an attacker has many addresses
+                self._memo.clear()
+            self._memo[address] = verdict
+        return verdict
 
 
 def _trusted(address: str, trusted: Sequence[Network]) -> bool:
@@ -20,7 +43,7 @@ def _trusted(address: str, trusted: Sequence[Network]) -> bool:
     return any(ip in net for net in trusted)
 
 
-def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[Network]) -> str:
+def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: TrustedProxies) -> str:
     """Walk X-Forwarded-For from the right while the hop is a trusted proxy.
 
     A peer outside `trusted` is the client, whatever headers it sent (so a spoofed
@@ -30,11 +53,11 @@ def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[
     """
     if peer is None:
         return "unknown"
-    if not _trusted(peer, trusted):
+    if peer not in trusted:
         return peer
     hops = [h.strip() for value in forwarded_for for h in value.split(",") if h.strip()]
     for hop in reversed(hops):
-        if not _trusted(hop, trusted):
+        if hop not in trusted:
             try:
                 return str(ipaddress.ip_address(hop))
             except ValueError:

@@ -29,6 +29,14 @@ async def read_body(request: web.BaseRequest, *, max_bytes: int, timeout_s: floa
         # We told aiohttp not to answer Expect itself (see app.py), so the client only
         # sends the body once we know it is acceptable.
         request.transport.write(_CONTINUE)
+    content = request.content
+    if content.is_eof():
+        # The whole body came with the headers (the usual case for a chat request):
+        # take it without a timer or a wait.
+        body = content.read_nowait()
+        if len(body) > max_bytes:
+            raise BodyTooLarge()
+        return body
     chunks: list[bytes] = []
     size = 0
     try:

@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Callable
 from functools import partial
 
-import aiohttp
 from aiohttp import web
 
 from . import clientip
@@ -40,6 +39,7 @@ from .quotas.admission import Admission, Ticket
 from .quotas.authfailures import AuthFailureLimiter
 from .promptlog import REDACTION_MARGIN, PromptEntry, PromptLog
 from .proxy import ClientWatch, Outcome, Upstream, check_status, relay_buffered, relay_stream
+from .upstream_http import Response as UpstreamResponse
 from .routes import MODEL_PREFIX, Route, canonical_path, resolve
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Pipeline:
         self.limits = ShapeLimits(num_predict_cap=config.limits.num_predict_cap,
                                   max_num_ctx=config.limits.max_num_ctx,
                                   max_keep_alive_s=config.limits.max_keep_alive_s)
-        self.trusted = clientip.parse_networks(config.trusted_proxies)
+        self.trusted = clientip.TrustedProxies(config.trusted_proxies)
 
     def reconfigure(self, config: Config) -> None:
         """Adopt a reloaded config (reload.py decides which sections may change). Requests
@@ -94,8 +94,7 @@ class Pipeline:
         self.policy.catalog.ttl_s = config.upstream.discovery_ttl_s
         self.admission.reconfigure(config)
         if self.upstream is not None:
-            self.upstream = Upstream.configured(config.upstream, self.upstream.session,
-                                                self.monotonic)
+            self.upstream = self.upstream.reconfigure(config.upstream)
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -299,12 +298,12 @@ class Pipeline:
         upstream = self.upstream
         if upstream is None:
             raise Unavailable("the gateway is starting")
-        resp: aiohttp.ClientResponse | None = None
+        resp: UpstreamResponse | None = None
         try:
             resp = await upstream.open(request.method, upstream_path, body)
             outcome.upstream_status = resp.status
             check_status(resp, model_route=route.body or route.path_model)
-            content_type = resp.headers.get("Content-Type", "")
+            content_type = resp.headers.get("content-type", "")
             if route.streams and content_type.startswith(_STREAM_TYPES):
                 strip = (shaped is not None and shaped.stream and not shaped.client_wants_usage
                          and route.name in _USAGE_STRIPPABLE)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from neuraldrive_gw.clientip import client_ip, parse_networks
+from neuraldrive_gw.clientip import TrustedProxies, client_ip
 
-LOOPBACK = parse_networks(["127.0.0.1/32", "::1/128"])
+LOOPBACK = TrustedProxies(["127.0.0.1/32", "::1/128"])
 
 
 @pytest.mark.parametrize("peer,xff,expected", [

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -114,12 +115,20 @@ def rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def cpu_busy(cpu: int) -> float:
-    """Seconds CPU `cpu` was busy (not idle, not iowait; steal counts) since boot."""
+def machine_busy() -> float:
+    """CPU seconds all CPUs spent in user, nice, system and steal since boot (not irq and
+    softirq, which the kernel may charge to no process: loopback traffic lands there)."""
     with open("/proc/stat") as f:
-        v = next([int(x) for x in line.split()[1:9]] for line in f
-                 if line.startswith(f"cpu{cpu} "))
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, _irq, _softirq, steal = (
+            int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def our_cpu(pids: list[int]) -> float:
+    """CPU seconds of this script, its reaped children (wrk) and the trees of `pids`."""
+    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return (me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+            + sum(tree_cpu(p) for p in pids))
 
 
 def fd_count(pid: int) -> int:
@@ -358,11 +367,12 @@ class Target:
     base: str
     key: str = ""
     pid: int | None = None               # the gateway's; None for direct
+    fake: int = 0                        # the fake Ollama's
     info: dict[str, Any] = field(default_factory=dict)
     tests: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def start_fake(procs: Procs, rundir: str, port: int) -> str:
+def start_fake(procs: Procs, rundir: str, port: int) -> Target:
     argv = [sys.executable, "-m", "neuraldrive_gw.devtools.fake_ollama", "--port", str(port),
             "--tokens", str(FRAMES), "--model", MODEL, "--model", PACED_MODEL,
             "--pace", f"{PACED_MODEL}={FRAME_MS}"]
@@ -370,10 +380,10 @@ def start_fake(procs: Procs, rundir: str, port: int) -> str:
     base = f"http://127.0.0.1:{port}"
     if not wait_ready(base + "/api/tags", p, 30):
         raise SystemExit(f"bench: the fake Ollama did not start; see {rundir}/fake.log")
-    return base
+    return Target("direct", base, fake=p.pid)
 
 
-def start_gateway(procs: Procs, rundir: str, port: int, upstream: str
+def start_gateway(procs: Procs, rundir: str, port: int, direct: Target
                   ) -> tuple[Target, subprocess.Popen[bytes]]:
     workdir = os.path.join(rundir, "gw")
     os.mkdir(workdir)
@@ -386,11 +396,12 @@ def start_gateway(procs: Procs, rundir: str, port: int, upstream: str
     t0 = time.monotonic()
     p = procs.start([sys.executable, "-m", "neuraldrive_gw", "serve", "--config",
                      os.path.join(workdir, "gw.yaml"), "--listen", f"127.0.0.1:{port}",
-                     "--upstream", upstream], 1, os.path.join(rundir, "gateway.log"))
+                     "--upstream", direct.base], 1, os.path.join(rundir, "gateway.log"))
     base = f"http://127.0.0.1:{port}"
     if not wait_ready(base + "/healthz", p):
         raise SystemExit(f"bench: the gateway did not become ready; see {rundir}/gateway.log")
-    gw = Target("gateway", base, key, p.pid, {"ready_s": time.monotonic() - t0})
+    gw = Target("gateway", base, key, p.pid, fake=direct.fake,
+                info={"ready_s": time.monotonic() - t0})
     time.sleep(0.5)
     gw.info.update(rss_start=rss_mib(p.pid), fds_start=fd_count(p.pid))
     return gw, p
@@ -408,21 +419,27 @@ def run_load(procs: Procs, t: Target, w: Workload) -> dict[str, Any]:
 
 
 def measure(procs: Procs, t: Target, w: Workload) -> dict[str, Any]:
-    """Warm up, then run `w`; add the gateway's CPU seconds and other load on its CPU."""
+    """Warm up, then run `w`; add the gateway's CPU seconds and other processes' CPU use."""
     run_load(procs, t, replace(w, secs=WARMUP_S))
+    ours = [t.fake] + ([t.pid] if t.pid else [])
     cpu0 = tree_cpu(t.pid) if t.pid else 0.0
-    busy0, t0 = cpu_busy(procs.pin[1]) if procs.pin else 0.0, time.monotonic()
+    busy0, ours0, t0 = machine_busy(), our_cpu(ours), time.monotonic()
     res = run_load(procs, t, w)
+    foreign = machine_busy() - busy0 - (our_cpu(ours) - ours0)
+    res["foreign_cores"] = max(0.0, foreign) / (time.monotonic() - t0)
+    n, frames, secs = res.get("requests", 0), res.get("frames", 0), res.get("elapsed", 0.0)
+    if secs:
+        res.update(req_per_s=n / secs, frames_per_s=frames / secs)
     if t.pid:
-        res["cpu_s"] = tree_cpu(t.pid) - cpu0
-    if procs.pin:   # nothing else of ours runs there
-        foreign = cpu_busy(procs.pin[1]) - busy0 - res.get("cpu_s", 0.0)
-        res["foreign_cores"] = max(0.0, foreign) / (time.monotonic() - t0)
+        res["cpu_s"] = cpu = tree_cpu(t.pid) - cpu0
+        res.update({k: 1e6 * cpu / v for k, v in (("cpu_us_per_req", n),
+                                                  ("cpu_us_per_frame", frames)) if v})
     return res
 
 
 def bench_target(procs: Procs, t: Target, dur: float, emit: Callable[[dict[str, Any]], None]
                  ) -> None:
+    """Smoke-test `t`, then measure every workload; the gateway's memory figures into t.info."""
     problems = smoke(t)
     if problems:
         t.info["error"] = "smoke test failed: " + "; ".join(problems)
@@ -451,38 +468,11 @@ def bench_target(procs: Procs, t: Target, dur: float, emit: Callable[[dict[str, 
 
 # --- the table -------------------------------------------------------------------------------
 
-Result = dict[str, Any]
 Getter = Callable[[Target], "float | None"]
 
 
-def rate(r: Result) -> float:
-    return float(r["requests"] / r["elapsed"])
-
-
-def fps(r: Result) -> float:
-    return float(r["frames"] / r["elapsed"])
-
-
-def per_req(r: Result) -> float:
-    return float(1e6 * r["cpu_s"] / r["requests"])
-
-
-def per_frame(r: Result) -> float:
-    return float(1e6 * r["cpu_s"] / r["frames"])
-
-
-def key(name: str) -> Callable[[Result], float]:
-    return lambda r: float(r[name])
-
-
-def of(test: str, f: Callable[[Result], float]) -> Getter:
-    """The value `f` computes from `test`'s result, None where that has no meaning."""
-    def get(t: Target) -> float | None:
-        try:
-            return f(t.tests[test])
-        except (KeyError, TypeError, ZeroDivisionError):
-            return None
-    return get
+def of(test: str, name: str) -> Getter:
+    return lambda t: t.tests.get(test, {}).get(name)
 
 
 def info(name: str) -> Getter:
@@ -500,24 +490,24 @@ def rows(dur: float) -> list[tuple[str, Getter | None, int]]:
     for tag, path in PATHS:
         for c in (16, 64):
             t = f"ns_{tag}_c{c}"
-            out += [(f"{path} c{c} req/s ↑", of(t, rate), 0),
-                    (f"{path} c{c} p50 ms ↓", of(t, key("lat_p50_ms")), 2),
-                    (f"{path} c{c} p99 ms ↓", of(t, key("lat_p99_ms")), 2),
-                    (f"{path} c{c} gateway CPU µs/req ↓", of(t, per_req), 0)]
+            out += [(f"{path} c{c} req/s ↑", of(t, "req_per_s"), 0),
+                    (f"{path} c{c} p50 ms ↓", of(t, "lat_p50_ms"), 2),
+                    (f"{path} c{c} p99 ms ↓", of(t, "lat_p99_ms"), 2),
+                    (f"{path} c{c} gateway CPU µs/req ↓", of(t, "cpu_us_per_req"), 0)]
     out.append((f"streaming, {FRAMES} frames back to back, wrk c16", None, 0))
     for tag, path in PATHS:
-        out += [(f"{path} frames/s ↑", of(f"st_{tag}_c16", fps), 0),
-                (f"{path} gateway CPU µs/frame ↓", of(f"st_{tag}_c16", per_frame), 1)]
+        out += [(f"{path} frames/s ↑", of(f"st_{tag}_c16", "frames_per_s"), 0),
+                (f"{path} gateway CPU µs/frame ↓", of(f"st_{tag}_c16", "cpu_us_per_frame"), 1)]
     out.append(("time to first byte, aiohttp client, c1", None, 0))
     for tag, path in PATHS:
-        out += [(f"{path} TTFB p50 ms ↓", of(f"ttfb_{tag}_c1", key("ttfb_p50_ms")), 2),
-                (f"{path} TTFB p99 ms ↓", of(f"ttfb_{tag}_c1", key("ttfb_p99_ms")), 2)]
+        out += [(f"{path} TTFB p50 ms ↓", of(f"ttfb_{tag}_c1", "ttfb_p50_ms"), 2),
+                (f"{path} TTFB p99 ms ↓", of(f"ttfb_{tag}_c1", "ttfb_p99_ms"), 2)]
     out.append((f"paced: 64 streams, {FRAME_MS} ms/frame (ideal {FRAMES * FRAME_MS} ms)", None, 0))
     for tag, path in PATHS:
         t = f"paced_{tag}_c64"
-        out += [(f"{path} frames/s ↑", of(t, fps), 0),
-                (f"{path} stream p99 ms ↓", of(t, key("lat_p99_ms")), 0),
-                (f"{path} gateway CPU µs/frame ↓", of(t, per_frame), 1)]
+        out += [(f"{path} frames/s ↑", of(t, "frames_per_s"), 0),
+                (f"{path} stream p99 ms ↓", of(t, "lat_p99_ms"), 0),
+                (f"{path} gateway CPU µs/frame ↓", of(t, "cpu_us_per_frame"), 1)]
     out += [("start-up and memory (gateway process tree)", None, 0),
             ("ready s (spawn → 200 on /healthz) ↓", info("ready_s"), 2),
             ("RSS after start MiB ↓", info("rss_start"), 1),
@@ -550,14 +540,13 @@ def notes(pin: tuple[int, int] | None, targets: list[Target]) -> list[str]:
     n = [f"CPU pinning (taskset): gateway alone on CPU {pin[1]}; fake Ollama, wrk and the Python "
          f"client on CPU {pin[0]}." if pin else "CPU pinning: **not used** (1 CPU or no taskset).",
          f"Interpreter {sys.executable} (Python {sys.version.split()[0]}), aiohttp "
-         f"{aiohttp.__version__}; load average at start {os.getloadavg()[0]:.2f}. "
-         "Ratios compare this run only; ↑ higher is better, ↓ lower is better."]
+         f"{aiohttp.__version__}; load average at start {os.getloadavg()[0]:.2f}."]
     seen = [(r["foreign_cores"], f"{t.name} {k}") for t in targets for k, r in t.tests.items()
             if "foreign_cores" in r]
     if seen:
         worst, where = max(seen)
-        n.append(f"Other processes used up to {worst:.2f} of the gateway's CPU {pin and pin[1]} "
-                 f"(during {where}; mean {sum(v for v, _ in seen) / len(seen):.2f})"
+        n.append(f"Other processes on this machine used up to {worst:.2f} cores (during {where}; "
+                 f"mean {sum(v for v, _ in seen) / len(seen):.2f})"
                  + ("; figures taken then are disturbed." if worst > 0.1 else "."))
     for t in targets:
         if "error" in t.info:
@@ -580,11 +569,11 @@ def soak(gw: Target, secs: float, emit: Callable[[dict[str, Any]], None]) -> lis
     paced = Workload("soak_paced", "client", V1, body(V1, True, FRAMES, PACED_MODEL),
                      SOAK_STREAMS, secs, FRAMES)
     assert gw.pid is not None
-    sampler = Sampler(gw.pid, SOAK_EVERY_S)
+    sampler, cpu0 = Sampler(gw.pid, SOAK_EVERY_S), tree_cpu(gw.pid)
     sampler.start()
     log(f"[soak] {secs:g} s: ~{SOAK_RATE} req/s non-streaming + {SOAK_STREAMS} paced streams")
     stats = asyncio.run(client_load(gw.base, gw.key, ns + [paced], cap=int(secs * SOAK_RATE * 2)))
-    samples = sampler.finish()
+    samples, cpu_pct = sampler.finish(), 100 * (tree_cpu(gw.pid) - cpu0) / secs
     time.sleep(1.0)
     t60, rss60, fds60 = min(samples, key=lambda s: abs(s[0] - min(SOAK_BASE_S, secs / 2)))
     t_end, rss_end, fds_end = [s for s in samples if s[0] <= secs - 1][-1]
@@ -598,7 +587,8 @@ def soak(gw: Target, secs: float, emit: Callable[[dict[str, Any]], None]) -> lis
              f"| fds at {t60:.0f} s | {fds60} |", f"| fds at end ({t_end:.0f} s) | {fds_end} |",
              f"| RSS MiB / fds 1 s after the load | {rss_mib(gw.pid):.1f} / {fd_count(gw.pid)} |",
              f"| requests done (non-streaming + paced streams) | {stats.done - streams:,} + "
-             f"{streams:,} |", f"| errors | {sum(stats.errors.values())} |", "",
+             f"{streams:,} |", f"| gateway CPU, % of one core | {cpu_pct:.0f} |",
+             f"| errors | {sum(stats.errors.values())} |", "",
              f"{'PASS' if change <= 5 else 'FAIL'}: RSS at end within 5 % of RSS at {t60:.0f} s "
              f"({change:+.2f} %)",
              f"{'PASS' if fds_end <= fds60 else 'FAIL'}: no fd growth ({fds60} → {fds_end})", "",
@@ -658,12 +648,11 @@ def main(argv: list[str] | None = None) -> int:
         emit({"type": "meta", "python": sys.version.split()[0], "executable": sys.executable,
               "aiohttp": aiohttp.__version__, "pinned": pin is not None, "dur": dur,
               "soak": a.soak})
-        upstream = start_fake(procs, rundir, fake_port)
-        direct = Target("direct", upstream)
+        direct = start_fake(procs, rundir, fake_port)
         if not a.soak:
             log(f"[direct] {len(workloads(dur))} workloads of {dur:g} s")
             bench_target(procs, direct, dur, emit)
-        gw, gw_proc = start_gateway(procs, rundir, gw_port, upstream)
+        gw, gw_proc = start_gateway(procs, rundir, gw_port, direct)
         log(f"[gateway] ready in {gw.info['ready_s']:.2f} s (logs in {rundir})")
         if a.soak:
             out = soak(gw, a.soak, emit) + notes(pin, [])
@@ -671,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
             bench_target(procs, gw, dur, emit)
             code = procs.stop(gw_proc)
             out = render(direct, gw, dur) + [""] + notes(pin, [direct, gw])
+            out.append("* Ratios compare this run only; ↑ higher is better, ↓ lower is better.")
             out.append(f"* gateway exit status after SIGTERM: {code}; "
                        f"harness runtime {time.monotonic() - t_start:.0f} s.")
             emit({"type": "summary", "direct": direct.info, "gateway": gw.info})

@@ -17,8 +17,11 @@ Two contenders get the same workloads: `direct` (the fake itself: the floor) and
 
 Each workload gets a 1 s warm-up of itself first. Gateway CPU is utime+stime of its process
 and its descendants (/proc/PID/stat), taken before and after the measured run and divided by
-requests or frames. Peak RSS is sampled at 4 Hz. One markdown table goes to stdout, progress
-to stderr; `--out FILE` appends the raw results as JSON lines. `--soak S` runs a steady mixed
+requests or frames. Peak RSS is sampled at 4 Hz. The machine may be shared, so every workload
+also records the CPU that processes other than ours used (/proc/stat minus our processes).
+One markdown table goes to stdout with notes (pinning, versions, foreign CPU, errors, the
+gateway log's non-200 statuses and warnings), progress to stderr; logs are kept when anything
+failed; `--out FILE` appends the raw results as JSON lines. `--soak S` runs a steady mixed
 load (about 200 req/s plus 8 paced streams) against the gateway instead and reports RSS and
 fd drift. Everything is bounded (wrk -d/--timeout, a client deadline and stream cap, a hard
 timeout); every process started here is ended by PID (SIGTERM, SIGKILL after 5 s) on any exit.
@@ -31,6 +34,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -556,6 +560,25 @@ def notes(pin: tuple[int, int] | None, targets: list[Target]) -> list[str]:
     return ["* " + x for x in n]
 
 
+def gateway_log(rundir: str) -> list[str]:
+    """Non-200 statuses (with outcome) and WARNING/ERROR lines in the gateway's log.
+
+    Some 499s are expected: wrk closes its connections mid-request when its time is up.
+    """
+    seen: Counter[str] = Counter()
+    first: dict[str, str] = {}
+    with open(os.path.join(rundir, "gateway.log"), errors="replace") as f:
+        for line in f:
+            m = re.search(r" status=(\d+) .*outcome=(.*?) ms=", line)
+            kind = (f"status {m[1]} {m[2]}" if m and m[1] != "200" else
+                    line.split(" ", 1)[0] if line.startswith(("WARNING", "ERROR")) else "")
+            if kind:
+                seen[kind] += 1
+                first.setdefault(kind, line.strip()[:160])
+    return [f"gateway log: {k} ×{n}" + ("" if k.startswith("status") else f" (first: {first[k]})")
+            for k, n in seen.most_common(6)]
+
+
 # --- soak ------------------------------------------------------------------------------------
 
 def soak(gw: Target, secs: float, emit: Callable[[dict[str, Any]], None]) -> list[str]:
@@ -578,6 +601,7 @@ def soak(gw: Target, secs: float, emit: Callable[[dict[str, Any]], None]) -> lis
     t60, rss60, fds60 = min(samples, key=lambda s: abs(s[0] - min(SOAK_BASE_S, secs / 2)))
     t_end, rss_end, fds_end = [s for s in samples if s[0] <= secs - 1][-1]
     change, streams = 100 * (rss_end - rss60) / rss60, stats.frames // FRAMES
+    gw.tests["soak"] = {"errors": sum(stats.errors.values())}
     emit({"type": "soak", "secs": secs, "samples": samples, "requests": stats.done,
           "streams": streams, "errors": dict(stats.errors)})
     lines = ["| soak metric | value |", "|---|---:|", f"| duration s | {secs:g} |",
@@ -636,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
     signal.alarm(int(a.soak) + 300 if a.soak else max(900, int(40 * dur)))   # hard timeout
     run_id, t_start = time.strftime("%Y%m%dT%H%M%S"), time.monotonic()
-    procs, rundir, ok = Procs(pin), tempfile.mkdtemp(prefix="nd-bench-"), False
+    procs, rundir, ok = Procs(pin), tempfile.mkdtemp(prefix="nd-bench-"), True
 
     def emit(rec: dict[str, Any]) -> None:
         if a.out:
@@ -656,20 +680,29 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[gateway] ready in {gw.info['ready_s']:.2f} s (logs in {rundir})")
         if a.soak:
             out = soak(gw, a.soak, emit) + notes(pin, [])
+            out += ["* " + x for x in gateway_log(rundir)]
         else:
             bench_target(procs, gw, dur, emit)
             code = procs.stop(gw_proc)
             out = render(direct, gw, dur) + [""] + notes(pin, [direct, gw])
+            out += ["* " + x for x in gateway_log(rundir)]
             out.append("* Ratios compare this run only; ↑ higher is better, ↓ lower is better.")
             out.append(f"* gateway exit status after SIGTERM: {code}; "
                        f"harness runtime {time.monotonic() - t_start:.0f} s.")
             emit({"type": "summary", "direct": direct.info, "gateway": gw.info})
+        failed = "error" in gw.info or "error" in direct.info     # a smoke test failed
+        ok = not failed and not any(r["errors"] for t in (direct, gw) for r in t.tests.values())
+        if not ok:
+            out.append(f"* Errors: logs kept in {rundir}.")
         print("\n".join(out), flush=True)
-        ok = "error" not in gw.info and "error" not in direct.info
-        return 0 if ok else 1
+        return 1 if failed else 0
     except Interrupted as exc:
+        ok = False
         log(f"bench: interrupted ({exc}); stopping everything it started")
         return 130
+    except BaseException:
+        ok = False
+        raise
     finally:
         signal.alarm(0)
         for sig in (signal.SIGINT, signal.SIGTERM):

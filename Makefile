@@ -28,7 +28,7 @@ DEB := build/deb/neuraldrive-gw_$(VERSION)_all.deb
 CLEAN_ENV := env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=$(HOME) LANG=C.UTF-8
 
 .PHONY: help demo test test-pypi test-debian typecheck check clean docs deb lint-deb lint-unit \
-	bench-compare deb-e2e
+	bench-compare deb-e2e bench bench-soak
 
 help: ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -101,3 +101,14 @@ bench-compare: $(VENV)/.installed ## The gateway next to the bare aiohttp proxy 
 		--gateway-cmd 'exec $(CURDIR)/$(VENV)/bin/python -m neuraldrive_gw serve --config {workdir}/gw.yaml --listen 127.0.0.1:{port} --upstream {upstream}' \
 		--gateway-ready /healthz --out $(CURDIR)/build/bench-results.jsonl \
 		| tee $(CURDIR)/build/bench-comparison.md
+
+SOAK_S ?= 600
+bench: $(VENV)/.installed ## This repo's benchmark: gateway vs the fake Ollama alone (bench/run.py)
+	tools/bootstrap-debian wrk util-linux
+	mkdir -p build
+	$(VENV)/bin/python bench/run.py --dur $(BENCH_DUR) | tee build/bench.md
+
+bench-soak: $(VENV)/.installed ## SOAK_S seconds of steady mixed load: RSS and fd drift (bench/run.py)
+	tools/bootstrap-debian wrk util-linux
+	mkdir -p build
+	$(VENV)/bin/python bench/run.py --soak $(SOAK_S) | tee build/bench-soak.md

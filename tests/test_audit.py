@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from faults import fill, immutable
+from neuraldrive_gw import audit as audit_module
 from neuraldrive_gw import store
 from neuraldrive_gw.audit import AuditRecord, AuditWriter, spend_since
 from neuraldrive_gw.auditchain import (CONTENT, ZERO_HASH, ChainBroken, content_json, prune,
@@ -388,26 +389,20 @@ async def test_two_writers_on_one_database_keep_one_chain(db: str) -> None:
     assert check(db).ok and count(db) == 20
 
 
-async def test_a_commit_that_failed_after_committing_is_not_written_twice(db: str) -> None:
+async def test_a_commit_that_failed_after_committing_is_not_written_twice(
+        db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """An I/O error reported by COMMIT after the data reached the file (fsync failing after
-    the write) cannot be produced on demand, so the connection lies about this one COMMIT."""
+    the write) cannot be produced on demand, so this one COMMIT commits, then says it failed."""
     async with running(db, retry_max_s=0.05) as writer:
         await write_one(writer, 0)
-        conn = writer._conn                                     # noqa: SLF001 (the seam)
-        assert conn is not None
-        real = conn.execute
+        real = audit_module._commit                              # noqa: SLF001 (the seam)
 
-        def lying(sql: str, *params: Any) -> Any:
-            if sql != "COMMIT":
-                return real(sql, *params)
+        def commit_then_fail(conn: sqlite3.Connection) -> None:
+            monkeypatch.setattr(audit_module, "_commit", real)
+            real(conn)
+            raise sqlite3.OperationalError("disk I/O error")
 
-            async def commit_then_fail() -> None:
-                conn.execute = real                              # type: ignore[method-assign]
-                await real(sql, *params)
-                raise sqlite3.OperationalError("disk I/O error")
-            return commit_then_fail()
-
-        conn.execute = lying                                     # type: ignore[method-assign]
+        monkeypatch.setattr(audit_module, "_commit", commit_then_fail)
         writer.submit(rec(1))
         writer.submit(rec(2))
         await writer.flush()

@@ -72,16 +72,19 @@ class AuditRecord:
         """The row's content values in hash order, normalised as they are stored.
 
         Raises ValueError for a malformed record (a programming error: the writer must
-        never be handed a row it cannot store or hash identically later).
+        never be handed a row it cannot store or hash identically later). This runs once
+        per request, so the checks are spelt out rather than looped over by name.
         """
-        for name in ("request_id", "method", "route", "outcome"):
-            _check(isinstance(getattr(self, name), str), name, "must be a string")
-        for name in ("key_id", "tenant", "client_ip", "model"):
-            value = getattr(self, name)
-            _check(value is None or isinstance(value, str), name, "must be a string or None")
-        for name in ("status", "prompt_tokens", "completion_tokens", "bytes_out"):
-            value = getattr(self, name)
-            _check(type(value) is int and value >= 0, name, "must be an int >= 0")
+        _check(type(self.request_id) is str and type(self.method) is str
+               and type(self.route) is str and type(self.outcome) is str,
+               "request_id/method/route/outcome", "must be strings")
+        for name, value in (("key_id", self.key_id), ("tenant", self.tenant),
+                            ("client_ip", self.client_ip), ("model", self.model)):
+            _check(value is None or type(value) is str, name, "must be a string or None")
+        for name, number in (("status", self.status), ("prompt_tokens", self.prompt_tokens),
+                             ("completion_tokens", self.completion_tokens),
+                             ("bytes_out", self.bytes_out)):
+            _check(type(number) is int and number >= 0, name, "must be an int >= 0")
         _check(self.metering in METERING, "metering", f"must be one of {METERING}")
         _check(type(self.stream) is bool, "stream", "must be a bool")
         return (self.request_id, _number(self.at, "at"), self.key_id, self.tenant,
@@ -104,9 +107,12 @@ def _number(value: object, name: str) -> float:
     return number
 
 
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def content_json(values: Sequence[Any]) -> str:
     """The canonical JSON array of one row's CONTENT values (without the id)."""
-    return json.dumps(list(values), separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return _CANONICAL.encode(list(values))
 
 
 def row_hash(prev_hash: str, row_id: int, content: str) -> str:

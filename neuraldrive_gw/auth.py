@@ -58,7 +58,7 @@ def extract_credential(headers: Mapping[str, str]) -> str:
         token = rest.strip()
     else:
         raise Unauthorized()
-    if not token or any(ch.isspace() for ch in token):
+    if token.split() != [token]:       # empty, or whitespace anywhere in it
         raise Unauthorized()
     return token
 

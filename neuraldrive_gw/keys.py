@@ -34,13 +34,13 @@ def key_id(token: str) -> str | None:
 
     Well-formed means exactly `nd-` followed by 32 ASCII letters or digits: nothing else
     (no whitespace, no Unicode look-alikes, no longer or shorter tokens). This runs on every
-    request before any database or Argon2 work, so it is a length check and a set
-    membership test — linear, no regular expression, and it never raises for any str.
+    request before any database or Argon2 work, so it is a length check and two string
+    tests — linear, no regular expression, and it never raises for any str.
     """
     if not isinstance(token, str) or len(token) != TOKEN_LEN or not token.startswith(PREFIX):
         return None
     body = token[len(PREFIX):]
-    if not all(ch in _ALPHABET_SET for ch in body):
+    if not (body.isascii() and body.isalnum()):    # ASCII letters and digits, nothing else
         return None
     return body[:ID_LEN]
 

@@ -21,6 +21,9 @@ FLUSH_EVERY_S = 0.1
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
+_sink: BatchingStreamHandler | None = None     # the daemon's handler, once setup() ran
+
+
 class BatchingStreamHandler(logging.Handler):
     """A StreamHandler that holds INFO/DEBUG lines briefly and writes them together."""
 
@@ -38,6 +41,12 @@ class BatchingStreamHandler(logging.Handler):
             return
         self._lines.append(line)
         if record.levelno >= logging.WARNING or len(self._lines) >= self.max_lines:
+            self.flush()
+
+    def append(self, line: str) -> None:
+        """A line already formatted (AccessLog): batched like any INFO record."""
+        self._lines.append(line)
+        if len(self._lines) >= self.max_lines:
             self.flush()
 
     def flush(self) -> None:
@@ -69,4 +78,33 @@ def setup(level: str, stream: TextIO | None = None) -> BatchingStreamHandler:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    global _sink
+    _sink = handler
     return handler
+
+
+class AccessLog:
+    """The one line per request (SPEC §11), logger `neuraldrive_gw.access`, level INFO.
+
+    In the daemon the line goes straight into the batch, formatted as the handler would
+    format it: a LogRecord per request cost more than the rest of this module. Anywhere
+    else (tests, embedding), or when someone attached handlers or filters to the logger,
+    it is an ordinary logging call, so those see every line.
+    """
+
+    NAME = "neuraldrive_gw.access"
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger(self.NAME)
+        self._prefix = f"INFO {self.NAME}: "
+
+    def line(self, message: str, *args: object) -> None:
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        sink = _sink
+        if sink is not None and not logger.handlers and not logger.filters \
+                and logger.propagate:
+            sink.append(self._prefix + message % args)
+        else:
+            logger.info(message, *args)

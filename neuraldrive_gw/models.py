@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -82,6 +84,7 @@ def _cut_last(s: str, sep: str) -> tuple[str, str, bool]:
     return s[:i], s[i + len(sep) :], True
 
 
+@functools.lru_cache(maxsize=4096)     # every request names a model; most name the same few
 def canonical_model(name: str) -> ModelRef:
     """Canonicalise a client-supplied model name; raise InvalidModelName if Ollama would
     not accept it, or if it contains anything outside `[A-Za-z0-9_.:/-]`.

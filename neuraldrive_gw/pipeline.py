@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from functools import partial
 
@@ -32,6 +32,7 @@ from .config import Config
 from .errors import (BadRequest, EndpointBlocked, GatewayError, TooManyCredentials,
                      Unauthorized, Unavailable, dialect_for_path, error_response)
 from .intake import read_body
+from .logsink import AccessLog
 from .metering import meter_for
 from .policy import ModelPolicy
 from .principals import Principal
@@ -43,11 +44,35 @@ from .upstream_http import Response as UpstreamResponse
 from .routes import MODEL_PREFIX, Route, canonical_path, resolve
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("neuraldrive_gw.access")
+access_log = AccessLog()
 
 _STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 _CLOSE_AFTER = frozenset({408, 413, 415, 499})   # the unread body: the connection is done
 _USAGE_STRIPPABLE = frozenset({"v1_chat", "v1_completions"})
+
+
+class _RandomPool:
+    """os.urandom read 4 KiB at a time: one getrandom() per 256 request ids, not one each."""
+
+    def __init__(self, size: int = 4096):
+        self._size = size
+        self._data = b""
+        self._at = 0
+
+    def take16(self) -> bytes:
+        if self._at + 16 > len(self._data):
+            self._data, self._at = os.urandom(self._size), 0
+        self._at += 16
+        return self._data[self._at - 16:self._at]
+
+
+_random = _RandomPool()
+
+
+def new_request_id() -> str:
+    """A random UUID4 (SPEC §3 step 1), spelt as str(uuid.uuid4()) spells it."""
+    h = _random.take16().hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def _cancel_reason(request: web.BaseRequest) -> str:
@@ -99,7 +124,7 @@ class Pipeline:
     # -- entry point -----------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        request_id = str(uuid.uuid4())
+        request_id = new_request_id()
         started = self.monotonic()
         arrived = self.wall()
         raw_path = request.raw_path.split("?", 1)[0]
@@ -130,7 +155,7 @@ class Pipeline:
                         response.headers.setdefault(name, value)
             self.requests_by_status[status] = self.requests_by_status.get(status, 0) + 1
             duration_ms = (self.monotonic() - started) * 1000
-            access_log.info(
+            access_log.line(
                 "rid=%s ip=%s method=%s path=%s status=%d key=%s model=%s stream=%s "
                 "outcome=%s ms=%.1f", request_id, client, request.method,
                 info.get("path", "-"), status, info.get("key", "-"), info.get("model", "-"),

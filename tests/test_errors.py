@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
 from conftest import ALLOWED_MODEL, OTHER_MODEL, Gateway
 from neuraldrive_gw.devtools.fake_ollama import Fault
+from neuraldrive_gw.pipeline import new_request_id
 from rawhttp import raw_request
 
 CHAT = json.dumps({"model": ALLOWED_MODEL, "messages": [], "stream": False})
@@ -74,6 +76,7 @@ async def test_error_bodies(gw: Gateway, case: tuple) -> None:
     assert response.status == status
     assert response.headers["content-type"].startswith("application/json")
     rid = response.headers["x-request-id"]
+    assert uuid.UUID(rid).version == 4 and str(uuid.UUID(rid)) == rid      # SPEC §3 step 1
     data = json.loads(response.body.decode().replace(rid, "RID"))
     if expected is None:        # a parser message: pin the shape and the id, not the wording
         message = data["error"] if isinstance(data["error"], str) else data["error"]["message"]
@@ -122,3 +125,11 @@ async def test_body_timeout(make_gateway) -> None:
     assert response.status == 408
     data = json.loads(response.body.decode().replace(response.headers["x-request-id"], "RID"))
     assert data == ollama("request body not received in time")
+
+
+def test_request_ids_are_distinct_uuid4s() -> None:
+    ids = {new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    for rid in list(ids)[:500]:
+        parsed = uuid.UUID(rid)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == rid

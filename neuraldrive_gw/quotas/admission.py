@@ -39,6 +39,9 @@ class Limits:
     max_concurrent: int | None = None
 
 
+_LIMITS_MEMO_MAX = 65_536
+
+
 def key_limits(principal: Principal, defaults: KeyDefaults, master: MasterLimits) -> Limits:
     """A key's own limits where set (limits.UNLIMITED: none), the configured defaults
     elsewhere; the master key: `limits.master` (unlimited unless configured)."""
@@ -174,6 +177,7 @@ class Admission:
         self._key_active: dict[str, int] = {}
         self._tenant_active: dict[str, int] = {}
         self._budgets: dict[Scope, tuple[int, str]] = {}      # last seen, for status
+        self._limits_memo: dict[str, tuple[object, Config, tuple[Limits, Limits | None]]] = {}
         self.counters: dict[str, int] = {"admitted": 0, "rejected_concurrency": 0,
                                          "rejected_budget": 0, "rejected_rate": 0,
                                          "queue_abandoned": 0, "settled_tokens": 0,
@@ -188,11 +192,21 @@ class Admission:
     # -- limits ----------------------------------------------------------------------------
 
     def limits_for(self, principal: Principal) -> tuple[Limits, Limits | None]:
-        """(key limits, tenant limits or None for the master key)."""
-        defaults = self.config.limits.key_defaults
-        record = principal.record
+        """(key limits, tenant limits or None for the master key).
+
+        Remembered per key while its record (replaced on every key-store refresh that
+        changed it) and the config (replaced on reload) are the same objects."""
+        record, config = principal.record, self.config
+        memo = self._limits_memo.get(principal.key_id)
+        if memo is not None and memo[0] is record and memo[1] is config:
+            return memo[2]
+        defaults = config.limits.key_defaults
         tenant = None if record is None else tenant_limits(record.tenant, defaults.budget_period)
-        return key_limits(principal, defaults, self.config.limits.master), tenant
+        limits = key_limits(principal, defaults, config.limits.master), tenant
+        if len(self._limits_memo) >= _LIMITS_MEMO_MAX:
+            self._limits_memo.clear()
+        self._limits_memo[principal.key_id] = (record, config, limits)
+        return limits
 
     def _bucket(self, table: dict[str, TokenBucket], name: str,
                 per_min: int | None) -> TokenBucket | None:

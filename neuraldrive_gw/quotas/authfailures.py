@@ -61,6 +61,8 @@ class AuthFailureLimiter:
 
     def check(self, address: str) -> None:
         """Raise RateLimited when this address has used up its failures for now."""
+        if not self._buckets:
+            return                # nobody has failed lately: no address to parse
         bucket = self._buckets.get(address_group(address))
         if bucket is not None and not bucket.can_take(1):
             self.refused += 1

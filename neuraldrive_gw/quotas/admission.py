@@ -325,13 +325,19 @@ class Admission:
         a dimension without a limit (an unlimited key, the master key by default) has
         no headers."""
         headers: dict[str, str] = {}
-        tightest = min(tokens, key=lambda b: b.level()) if tokens else None
-        for kind, bucket in (("requests", requests), ("tokens", tightest)):
-            if bucket is None:
+        tightest: tuple[TokenBucket, tuple[float, float]] | None = None
+        for bucket in tokens:
+            state = bucket.headroom()
+            if tightest is None or state[0] < tightest[1][0]:
+                tightest = bucket, state
+        for kind, pair in (("requests", None if requests is None else
+                            (requests, requests.headroom())), ("tokens", tightest)):
+            if pair is None:
                 continue
+            bucket, (level, until_full) = pair
             headers[f"x-ratelimit-limit-{kind}"] = str(int(bucket.capacity))
-            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level())))
-            headers[f"x-ratelimit-reset-{kind}"] = openai_duration(bucket.seconds_until_full())
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(level)))
+            headers[f"x-ratelimit-reset-{kind}"] = openai_duration(until_full)
         return headers
 
     # -- status ----------------------------------------------------------------------------

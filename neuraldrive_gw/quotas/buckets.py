@@ -22,11 +22,15 @@ class TokenBucket:
         self._level = self.capacity
         self._stamp = monotonic()
 
-    def _refill(self) -> None:
+    def _refill(self) -> float:
+        """Bring the level up to now and return it (every public method calls this once)."""
         now = self._monotonic()
-        elapsed = max(0.0, now - self._stamp)   # a clock that steps back never drains
+        elapsed = now - self._stamp
         self._stamp = now
-        self._level = min(self.capacity, self._level + elapsed * self.per_minute / 60.0)
+        if elapsed > 0.0:                       # a clock that steps back never drains
+            level = self._level + elapsed * self.per_minute / 60.0
+            self._level = level if level < self.capacity else self.capacity
+        return self._level
 
     def reconfigure(self, capacity: float, per_minute: float) -> None:
         """Adopt new limits (an operator edit), keeping what was already used this minute."""
@@ -39,8 +43,7 @@ class TokenBucket:
         self._level = self.capacity - used     # below zero: the use already exceeds it
 
     def level(self) -> float:
-        self._refill()
-        return self._level
+        return self._refill()
 
     def clamp(self, n: float) -> float:
         """The amount `take(n)` debits: never more than the capacity, so a lone request of any
@@ -48,12 +51,12 @@ class TokenBucket:
         return min(max(n, 0.0), self.capacity)
 
     def can_take(self, n: float) -> bool:
-        return self.level() >= self.clamp(n)
+        return self._refill() >= self.clamp(n)
 
     def take(self, n: float) -> float:
         """Debit `clamp(n)` and return it; the caller checked `can_take(n)` first."""
         amount = self.clamp(n)
-        if self.level() < amount:
+        if self._refill() < amount:
             raise ValueError("bucket cannot cover this amount; check can_take() first")
         self._level -= amount
         return amount
@@ -70,13 +73,21 @@ class TokenBucket:
 
     def seconds_until(self, n: float) -> float:
         """How long until `can_take(n)` is true: 0.0 if it is now, inf if it never refills."""
-        missing = self.clamp(n) - self.level()
+        return self._wait(self.clamp(n) - self._refill())
+
+    def seconds_until_full(self) -> float:
+        """The `x-ratelimit-reset-*` value: time until the bucket is back at capacity."""
+        return self._wait(self.capacity - self._refill())
+
+    def headroom(self) -> tuple[float, float]:
+        """(level, seconds until full) from one reading of the clock: the rate-limit
+        headers of every admitted request need both."""
+        level = self._refill()
+        return level, self._wait(self.capacity - level)
+
+    def _wait(self, missing: float) -> float:
         if missing <= 0:
             return 0.0
         if self.per_minute == 0:
             return math.inf
         return missing * 60.0 / self.per_minute
-
-    def seconds_until_full(self) -> float:
-        """The `x-ratelimit-reset-*` value: time until the bucket is back at capacity."""
-        return self.seconds_until(self.capacity)

@@ -99,23 +99,29 @@ _SUMS = ("count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tok
 def usage(conn: sqlite3.Connection, *, tenant: str | None = None, key: str | None = None,
           since: float | None = None) -> UsageReport:
     """Requests and tokens per key and per tenant over the matching rows (the filters apply
-    to both lists), read in one transaction so the two agree. Unauthenticated requests
-    (no key) are not counted."""
+    to both lists). Unauthenticated requests (no key) are not counted.
+
+    One statement, per (key, tenant) pair, read from the covering index audit_key_usage in
+    its order; the tenant totals are the sums of those rows (every counted row has a key),
+    so the two lists agree by construction and the log is read once, not twice.
+    """
     where, params = ["key_id IS NOT NULL"], []
     for clause, value in (("tenant = ?", tenant), ("key_id = ?", key), ("at >= ?", since)):
         if value is not None:
             where.append(clause)
             params.append(value)
-    condition = " AND ".join(where)
-    conn.execute("BEGIN")
-    try:
-        key_rows = conn.execute(
-            f"SELECT key_id, tenant, {_SUMS} FROM audit WHERE {condition} "
-            "GROUP BY key_id, tenant ORDER BY key_id, tenant", params).fetchall()
-        tenant_rows = conn.execute(
-            f"SELECT tenant, NULL, {_SUMS} FROM audit WHERE {condition} AND tenant IS NOT NULL "
-            "GROUP BY tenant ORDER BY tenant", params).fetchall()
-    finally:
-        conn.execute("ROLLBACK")
-    return UsageReport(since, [UsageTotal(*row) for row in key_rows],
-                       [UsageTotal(*row) for row in tenant_rows])
+    key_rows = conn.execute(
+        f"SELECT key_id, tenant, {_SUMS} FROM audit WHERE {' AND '.join(where)} "
+        "GROUP BY key_id, tenant ORDER BY key_id, tenant", params).fetchall()
+    keys = [UsageTotal(*row) for row in key_rows]
+    sums: dict[str, list[int]] = {}
+    for total in keys:
+        if total.tenant is not None:
+            acc = sums.setdefault(total.tenant, [0, 0, 0, 0])
+            acc[0] += total.requests
+            acc[1] += total.prompt_tokens
+            acc[2] += total.completion_tokens
+            acc[3] += total.estimated
+    # Python orders str by code point, as SQLite's BINARY collation orders UTF-8 text.
+    tenants = [UsageTotal(name, None, *acc) for name, acc in sorted(sums.items())]
+    return UsageReport(since, keys, tenants)

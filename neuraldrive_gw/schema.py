@@ -173,5 +173,23 @@ CREATE INDEX prompt_log_expires ON prompt_log (expires_at);
 CREATE INDEX prompt_log_key_at ON prompt_log (key_id, at);
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+# Covering indexes for the token sums per key and per tenant: `neuraldrive-gw usage` and
+# the budget ledger the daemon rebuilds from the audit log at start-up (audit.spend_since).
+# Each reads its columns from the index alone, in GROUP BY order, where (key_id, at) and
+# (tenant, at) cost one table lookup per row. With 1,000,000 rows (bench/scale.py) the
+# `usage` queries took 3-10 s, now 0.2 s; the start-up query 5-8 s over a month of rows,
+# now 0.3 s. They replace those two indexes, which nothing needs besides them: (tenant, at)
+# is a prefix of the new tenant index, and a key's rows are few enough to scan for an
+# `at` range after (key_id, tenant). Writing a row costs about 5 µs more CPU; building
+# them for 1,000,000 rows takes about 4.5 s, once.
+_V4 = """
+DROP INDEX audit_key_at;
+DROP INDEX audit_tenant_at;
+CREATE INDEX audit_key_usage
+    ON audit (key_id, tenant, at, prompt_tokens, completion_tokens, metering);
+CREATE INDEX audit_tenant_usage
+    ON audit (tenant, at, key_id, prompt_tokens, completion_tokens, metering);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION: int = len(MIGRATIONS)

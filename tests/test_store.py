@@ -60,7 +60,7 @@ def add_key(conn: sqlite3.Connection, key_id: str, tenant_id: int, **columns: ob
 
 def test_init_creates_a_private_wal_database_at_the_current_schema(tmp_path: Path) -> None:
     path = str(tmp_path / "gw.db")
-    assert store.init_db(path) == store.SCHEMA_VERSION == 3
+    assert store.init_db(path) == store.SCHEMA_VERSION == 4
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     conn = store.open_db(path)
     try:

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from . import keys, store
 from .appkeys import PIPELINE
-from .audit import AuditWriter, spend_since
+from .audit import AuditWriter, spend_in_periods
 from .auth import Authenticator, KeyVerifier, MasterKey
 from .clock import Clock, SystemClock
 from .config import Config
@@ -119,6 +119,7 @@ def _key_store(config: Config, verifier: KeyVerifier) -> CleanupCtx:
             await _cancel(task)
         finally:
             await watcher.close()
+            verifier.close()
     return ctx
 
 
@@ -133,11 +134,11 @@ def _accounting(config: Config, pipeline: Pipeline, ledger: BudgetLedger,
         now = clock.time()
         conn = await store.open_async(config.paths.database)
         try:
-            rows = []
-            for period in ("day", "month"):
-                start = _period_start(period, now)
-                for kind, name, tokens in await spend_since(conn, start):
-                    rows.append(((kind, name), period_key(period, now), tokens))
+            periods = ("day", "month")
+            spent = await spend_in_periods(conn, [_period_start(p, now) for p in periods])
+            rows = [((kind, name), period_key(period, now), tokens)
+                    for kind, name, totals in spent
+                    for period, tokens in zip(periods, totals) if tokens]
         finally:
             await conn.close()
         ledger.load(rows)

@@ -16,6 +16,7 @@ Security contract:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import hmac
 import logging
@@ -160,6 +161,11 @@ class KeyVerifier:
         self._wall = wall
         self._verify = verify
         self._slots = asyncio.Semaphore(concurrency)
+        # Its own threads: each verify allocates 19 MiB, and glibc keeps a thread's arena
+        # after it; in asyncio's default pool (cores + 4 threads) a flood of wrong secrets
+        # left about 77 MiB behind. Two threads keep at most two arenas.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix="argon2")
         self._stale_after_s = stale_after_s
         # Freshness is judged on the clock the refresh loop really runs on (real time),
         # not the injected one, so a test moving time cannot fake an outage.
@@ -169,6 +175,10 @@ class KeyVerifier:
         self._failed: OrderedDict[bytes, float] = OrderedDict()
         self.verifications = 0    # Argon2 verifies run (issue: a key pays once)
         self._in_flight: dict[tuple[bytes, str], asyncio.Task[bool]] = {}
+
+    def close(self) -> None:
+        """Stop the Argon2 threads (a verification still running finishes on its own)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def install(self, snapshot: AuthSnapshot) -> None:
         """Swap in a freshly loaded snapshot; cache entries are re-validated lazily."""
@@ -186,8 +196,12 @@ class KeyVerifier:
         return self.snapshot_at is not None and \
             self._poll_clock() - self.snapshot_at <= self._stale_after_s
 
-    async def authenticate(self, token: str) -> Principal:
-        """Principal for a DB key, or Unauthorized; Unavailable when the snapshot is stale."""
+    async def authenticate(self, token: str,
+                           on_verify: Callable[[], None] | None = None) -> Principal:
+        """Principal for a DB key, or Unauthorized; Unavailable when the snapshot is stale.
+        `on_verify` is called when this request starts an Argon2 verification (not when it
+        joins one already running): the pipeline counts it against the client's address
+        in advance."""
         key_id = keys.key_id(token)
         if key_id is None:
             raise Unauthorized()
@@ -207,7 +221,7 @@ class KeyVerifier:
         failed_at = self._failed.get(digest)
         if failed_at is not None and now - failed_at < NEGATIVE_TTL_S:
             raise Unauthorized()
-        if not await self._verify_once(digest, record, token):
+        if not await self._verify_once(digest, record, token, on_verify):
             self._remember_failure(digest, now)
             raise Unauthorized()
         self._cache[digest] = _Verified(key_id, record.hash, now)
@@ -215,13 +229,16 @@ class KeyVerifier:
             self._cache.popitem(last=False)
         return principal_for(record)
 
-    async def _verify_once(self, digest: bytes, record: KeyRecord, token: str) -> bool:
+    async def _verify_once(self, digest: bytes, record: KeyRecord, token: str,
+                           on_start: Callable[[], None] | None = None) -> bool:
         """Verify, sharing one Argon2 run among concurrent requests with the same token
         (a client opening 16 connections at once pays once, not 16 times). The run is its
         own task, so the request that started it may be cancelled without failing the rest."""
         flight = (digest, record.hash)
         task = self._in_flight.get(flight)
         if task is None:
+            if on_start is not None:
+                on_start()
             task = asyncio.get_running_loop().create_task(self._verify_in_thread(record, token))
             self._in_flight[flight] = task
             task.add_done_callback(lambda _t: self._in_flight.pop(flight, None))
@@ -230,7 +247,8 @@ class KeyVerifier:
     async def _verify_in_thread(self, record: KeyRecord, token: str) -> bool:
         async with self._slots:
             self.verifications += 1
-            return await asyncio.to_thread(self._verify, record.hash, token)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._verify, record.hash, token)
 
     def _remember_failure(self, digest: bytes, now: float) -> None:
         self._failed[digest] = now
@@ -245,8 +263,9 @@ class Authenticator:
         self.master = master
         self.verifier = verifier
 
-    async def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    async def authenticate(self, headers: Mapping[str, str],
+                           on_verify: Callable[[], None] | None = None) -> Principal:
         token = extract_credential(headers)
         if self.master.matches(token):
             return MASTER
-        return await self.verifier.authenticate(token)
+        return await self.verifier.authenticate(token, on_verify)

@@ -226,11 +226,22 @@ class Pipeline:
             return self._health(route)
         client = str(info["client"])
         self.auth_failures.check(client)      # before any key work
-        try:
-            principal = await self.auth.authenticate(request.headers)
-        except (Unauthorized, TooManyCredentials):
+        # A request about to wait for Argon2 counts as a failure at once, refunded if the
+        # key verifies: otherwise requests arriving during a verification all pass the
+        # check above, and one address gets `limit + concurrency` verifications.
+        counted: list[bool] = []
+
+        def count_in_advance() -> None:
             self.auth_failures.failed(client)
+            counted.append(True)
+        try:
+            principal = await self.auth.authenticate(request.headers, count_in_advance)
+        except (Unauthorized, TooManyCredentials):
+            if not counted:
+                self.auth_failures.failed(client)
             raise
+        if counted:
+            self.auth_failures.refund(client)
         info["key"] = principal.key_id
         info["tenant"] = principal.tenant
         if route is None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 
 import aiohttp
 import pytest
 
 from conftest import ALLOWED_MODEL, FakeClock, Gateway, GatewayFactory
+from neuraldrive_gw import keys
 from neuraldrive_gw.errors import RateLimited
 from neuraldrive_gw.quotas.authfailures import AuthFailureLimiter, address_group
 
@@ -91,6 +93,27 @@ async def test_the_eleventh_failure_in_a_minute_is_refused_before_any_key_work(
     finally:
         conn.close()
     assert outcomes == ["Unauthorized"] * 10 + ["RateLimited"] * 2 + ["ok"]
+
+
+async def test_concurrent_wrong_secrets_cannot_buy_more_verifications_than_the_limit(
+        make_gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
+    """64 requests at once, each a different wrong secret for an existing key id: each
+    would cost an Argon2 verification. The limit (10) bounds them, not the concurrency."""
+    gw = await make_gateway()
+    verifier = gw.pipeline.auth.verifier
+    before = verifier.verifications
+    key_id = keys.key_id(gw.keys.acme)
+    assert key_id is not None
+    wrong = [{"Authorization": f"Bearer nd-{key_id}{n:024d}"} for n in range(64)]
+    statuses = await asyncio.gather(*(_status(http, gw.url + "/api/tags", h) for h in wrong))
+    assert sorted(set(statuses)) == [401, 429] and statuses.count(401) == 10
+    assert verifier.verifications - before == 10
+    # A verification that succeeds is not held against the address.
+    assert await _status(http, gw.url + "/api/tags", gw.auth(gw.keys.all_models)) == 429
+    gw.clock.advance(6)                             # one failure's worth refills
+    assert await _status(http, gw.url + "/api/tags", gw.auth(gw.keys.all_models)) == 200
+    assert verifier.verifications - before == 11    # counted in advance, then refunded:
+    assert await _status(http, gw.url + "/api/tags", BAD) == 401     # the refill is left
 
 
 async def test_successes_and_public_answers_do_not_count(

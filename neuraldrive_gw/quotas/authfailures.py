@@ -82,6 +82,12 @@ class AuthFailureLimiter:
         if bucket.can_take(1):
             bucket.take(1)
 
+    def refund(self, address: str) -> None:
+        """Give back a failure counted in advance (an Argon2 verification that succeeded)."""
+        bucket = self._buckets.get(address_group(address))
+        if bucket is not None:
+            bucket.give_back(1)
+
     def _make_room(self) -> None:
         if len(self._buckets) < self._max_tracked:
             return

@@ -32,6 +32,20 @@ class SocketPathError(Exception):
     """The status socket path is taken by something that is not a socket."""
 
 
+def current_problems(pipeline: Pipeline) -> list[str]:
+    """Why the gateway is degraded (empty: ready). Cheap: the daemon asks every second."""
+    catalog = pipeline.policy.catalog
+    problems = []
+    if not catalog.fresh():
+        problems.append("upstream unreachable: no successful model discovery"
+                        if catalog.refreshed_at is None else "upstream discovery stale")
+    if not pipeline.auth.verifier.is_fresh():
+        problems.append("key store unreadable")
+    if pipeline.audit is None or not pipeline.audit.healthy:
+        problems.append("usage cannot be recorded (audit log)")
+    return problems
+
+
 def snapshot(pipeline: Pipeline, started: float, now: float | None = None) -> dict[str, Any]:
     """Everything /status reports, as plain data."""
     now = time.monotonic() if now is None else now
@@ -42,14 +56,7 @@ def snapshot(pipeline: Pipeline, started: float, now: float | None = None) -> di
     admission = pipeline.admission.snapshot()
     queue = admission["queue"]
     assert isinstance(queue, dict)
-    problems = []
-    if not catalog.fresh():
-        problems.append("upstream unreachable: no successful model discovery"
-                        if catalog.refreshed_at is None else "upstream discovery stale")
-    if not verifier.is_fresh():
-        problems.append("key store unreadable")
-    if audit is None or not audit["healthy"]:
-        problems.append("usage cannot be recorded (audit log)")
+    problems = current_problems(pipeline)
     prompts = pipeline.prompts
     return {
         "version": __version__,

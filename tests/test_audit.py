@@ -24,7 +24,7 @@ import pytest
 from faults import fill, immutable
 from neuraldrive_gw import audit as audit_module
 from neuraldrive_gw import store
-from neuraldrive_gw.audit import AuditRecord, AuditWriter, spend_since
+from neuraldrive_gw.audit import AuditRecord, AuditWriter, spend_in_periods, spend_since
 from neuraldrive_gw.auditchain import (CONTENT, ZERO_HASH, ChainBroken, content_json, prune,
                                        row_hash, verify)
 
@@ -445,6 +445,11 @@ async def test_spend_since_sums_tokens_per_key_and_tenant(db: str) -> None:
             ("tenant", "acme", 12)]
         assert ("key", "abcd1234", 1007) in await spend_since(conn, T0 + 10)
         assert await spend_since(conn, T0 + 31) == []
+        # Several periods in one pass give what spend_since gives for each.
+        both = await spend_in_periods(conn, [T0 + 10, T0 - 100])
+        for index, start in enumerate((T0 + 10, T0 - 100)):
+            assert [(kind, name, totals[index]) for kind, name, totals in both
+                    if totals[index]] == await spend_since(conn, start)
     finally:
         await conn.close()
 

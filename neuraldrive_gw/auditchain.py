@@ -108,11 +108,31 @@ def _number(value: object, name: str) -> float:
 
 
 _CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+_quote = json.encoder.encode_basestring_ascii       # the C function json.dumps uses here
 
 
 def content_json(values: Sequence[Any]) -> str:
-    """The canonical JSON array of one row's CONTENT values (without the id)."""
-    return _CANONICAL.encode(list(values))
+    """The canonical JSON array of one row's CONTENT values (without the id).
+
+    Byte for byte what `json.dumps(list(values), separators=(",", ":"),
+    ensure_ascii=True, allow_nan=False)` writes (tests compare the two): strings, None,
+    ints and finite floats are spelt here directly, which costs half of building
+    json's encoder for every row; anything else goes through json itself.
+    """
+    parts = []
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            parts.append(_quote(value))
+        elif value is None:
+            parts.append("null")
+        elif kind is int:
+            parts.append(int.__repr__(value))
+        elif kind is float and math.isfinite(value):
+            parts.append(float.__repr__(value))
+        else:
+            return _CANONICAL.encode(list(values))
+    return "[" + ",".join(parts) + "]"
 
 
 def row_hash(prev_hash: str, row_id: int, content: str) -> str:

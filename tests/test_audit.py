@@ -679,3 +679,26 @@ def test_sigkill_while_writing_leaves_a_whole_verifiable_log(db: str) -> None:
             "FROM audit").fetchone()
     assert rows >= confirmed and (low, high) == (1, rows) and tokens == 3 * rows
     assert check(db).ok and check(db).rows_checked == rows
+
+
+@pytest.mark.parametrize("values", [
+    ("id", 1.5, None, "tenant", "::1", "POST", "/api/chat", "m:1b", 200, "ok", 0, 1, 2,
+     "exact", 3, None, 4),
+    ("\u00e9\u4e2d\U0001f600", 1e16, 1e-7, 0.1, 123456789012345678901234567890, "\x00\x1f\"\\/",
+     "\u2028", 0, -0.0, True, False),
+    ("nan",),
+    (float("nan"),),
+    (float("inf"), "x"),
+    ([1, 2], {"a": 1}),
+    (),
+])
+def test_canonical_json_is_exactly_what_json_dumps_writes(values: tuple) -> None:
+    """The chain's hashes depend on these bytes: the fast path must never differ."""
+    try:
+        expected = json.dumps(list(values), separators=(",", ":"), ensure_ascii=True,
+                              allow_nan=False)
+    except ValueError:
+        with pytest.raises(ValueError):
+            content_json(values)
+        return
+    assert content_json(values) == expected

@@ -9,8 +9,9 @@ time per connection, Content-Length, chunked and read-until-close bodies, a conn
 timeout, a read timeout (the longest silence between two reads), flow control, and
 closing a connection to make Ollama stop generating.
 
-It is strict about what it accepts: a malformed status line, header, chunk size or body
-length fails the response with UpstreamProtocolError and the connection is never reused.
+It is strict about what it accepts (the parsing is in httpwire.py): a malformed status
+line, header, chunk size or body length fails the response with UpstreamProtocolError,
+and the connection is never reused.
 Nothing here follows redirects, decompresses, or reads proxy settings from the
 environment.
 """
@@ -21,32 +22,20 @@ import asyncio
 import collections
 from urllib.parse import urlsplit
 
-MAX_HEAD_BYTES = 64 * 1024            # status line + headers of one response
-MAX_LINE_BYTES = 4 * 1024             # one chunk-size line or trailer line
+from .httpwire import (CHUNKED, EMPTY, LENGTH, MAX_HEAD_BYTES, UNTIL_CLOSE, ChunkDecoder,
+                       UpstreamIOError, UpstreamProtocolError, parse_head)
+
+__all__ = ["Response", "UpstreamClient", "UpstreamIOError", "UpstreamProtocolError",
+           "UpstreamReadTimeout", "parse_base_url"]
+
 MAX_CONNECTIONS = 256
 MAX_IDLE = 64                         # idle keep-alive connections kept for reuse
 IDLE_S = 15.0                         # an idle connection older than this is not reused
 HIGH_WATER = 256 * 1024               # buffered body bytes: stop reading from the socket
 LOW_WATER = 64 * 1024                 # ... and start again below this
 
-_HEX = b"0123456789abcdefABCDEF"
-_DIGITS = b"0123456789"
-_NO_BODY_STATUS = frozenset({204, 304})
-
-# Response body framing
-_LENGTH, _CHUNKED, _UNTIL_CLOSE, _EMPTY = range(4)
-# Chunked decoder states
-_SIZE, _DATA, _DATA_END, _TRAILER, _FINISHED = range(5)
 # Response states
 _HEAD, _BODY, _DONE, _FAILED = range(4)
-
-
-class UpstreamIOError(Exception):
-    """The upstream refused, reset or closed the connection, or the response was cut short."""
-
-
-class UpstreamProtocolError(UpstreamIOError):
-    """The upstream sent something that is not valid HTTP/1.1 framing."""
 
 
 class UpstreamReadTimeout(TimeoutError):
@@ -71,10 +60,9 @@ class Response:
         self._read_timeout_s = read_timeout_s
         self._state = _HEAD
         self._head = b""
-        self._framing = _EMPTY
-        self._left = 0                       # body bytes (Content-Length) or chunk bytes left
-        self._chunk_state = _SIZE
-        self._partial = b""                  # an incomplete chunk-size or trailer line
+        self._framing = EMPTY
+        self._left = 0                       # body bytes still to come (Content-Length)
+        self._chunks_in: ChunkDecoder | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
@@ -184,7 +172,7 @@ class Response:
     def eof(self) -> None:
         """The upstream closed its side of the connection."""
         self._reusable = False
-        if self._state == _BODY and self._framing == _UNTIL_CLOSE:
+        if self._state == _BODY and self._framing == UNTIL_CLOSE:
             self._done()
         elif self._state in (_HEAD, _BODY):
             self._fail(UpstreamIOError("the upstream closed the connection mid-response"))
@@ -192,7 +180,7 @@ class Response:
     def lost(self, exc: BaseException | None) -> None:
         self._reusable = False
         if self._state in (_HEAD, _BODY):
-            if self._state == _BODY and self._framing == _UNTIL_CLOSE and exc is None:
+            if self._state == _BODY and self._framing == UNTIL_CLOSE and exc is None:
                 self._done()
             else:
                 reason = type(exc).__name__ if exc is not None else "closed"
@@ -211,75 +199,36 @@ class Response:
             if end > MAX_HEAD_BYTES:
                 raise UpstreamProtocolError("response head too large")
             rest = head[end + 4:]
-            self._parse_head(head[:end])
-            if 100 <= self.status < 200:       # an interim response: the real one follows
-                self.headers = {}
+            parsed = parse_head(head[:end], head_only=self._head_only)
+            if 100 <= parsed.status < 200:     # an interim response: the real one follows
                 head = rest
                 continue
             self._head = b""
+            self.status, self.headers = parsed.status, parsed.headers
+            self._framing, self._reusable = parsed.framing, parsed.reusable and self._reusable
+            if parsed.length is not None:          # framed by Content-Length
+                self._left = self.content_length = parsed.length
+            elif parsed.framing == CHUNKED:
+                self._chunks_in = ChunkDecoder()
             self._state = _BODY
             if not self._head_waiter.done():
                 self._head_waiter.set_result(None)
-            if self._framing == _EMPTY or (self._framing == _LENGTH and self._left == 0):
+            if self._framing == EMPTY or (self._framing == LENGTH and self._left == 0):
                 self._done()
                 if rest:
                     self._reusable = False
                 return b""
             return rest
 
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        code = rest[:3]
-        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 \
-                or code.translate(None, _DIGITS) or rest[3:4] not in (b"", b" "):
-            raise UpstreamProtocolError("malformed status line")
-        self.status = int(code)
-        if self.status == 101 or self.status < 100:
-            raise UpstreamProtocolError(f"unexpected status {self.status}")
-        headers: dict[str, str] = {}
-        lengths: set[bytes] = set()
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or name[:1] in b" \t" \
-                    or b"\n" in line or b"\r" in line:
-                raise UpstreamProtocolError("malformed header line")
-            key = name.decode("latin-1").lower()
-            text = value.strip(b" \t")
-            if key == "content-length":
-                lengths.add(text)
-            headers.setdefault(key, text.decode("latin-1"))
-        self.headers = headers
-        if version == b"HTTP/1.0" or "close" in headers.get("connection", "").lower():
-            self._reusable = False
-        self._framing = self._body_framing(headers, lengths)
-
-    def _body_framing(self, headers: dict[str, str], lengths: set[bytes]) -> int:
-        if self._head_only or self.status in _NO_BODY_STATUS or self.status < 200:
-            return _EMPTY
-        coding = headers.get("transfer-encoding")
-        if coding is not None:
-            if coding.strip().lower() != "chunked":
-                raise UpstreamProtocolError("unsupported transfer-encoding")
-            if lengths:
-                self._reusable = False          # both framings: chunked wins, never reuse
-            return _CHUNKED
-        if lengths:
-            if len(lengths) != 1:
-                raise UpstreamProtocolError("conflicting content-length")
-            text = next(iter(lengths))
-            if not text or text.translate(None, _DIGITS) or len(text) > 15:
-                raise UpstreamProtocolError("malformed content-length")
-            self._left = self.content_length = int(text)
-            return _LENGTH
-        self._reusable = False
-        return _UNTIL_CLOSE
-
     def _feed_body(self, data: bytes) -> None:
-        framing = self._framing
-        if framing == _CHUNKED:
-            data = self._dechunk(data)
-        elif framing == _LENGTH:
+        decoder = self._chunks_in
+        if decoder is not None:
+            self._push(decoder.feed(data))
+            if decoder.finished:
+                self._reusable = self._reusable and not decoder.trailing
+                self._done()
+            return
+        if self._framing == LENGTH:
             if len(data) >= self._left:
                 if len(data) > self._left:
                     self._reusable = False      # more than announced: never reuse
@@ -290,55 +239,6 @@ class Response:
                 return
             self._left -= len(data)
         self._push(data)
-        if framing == _CHUNKED and self._chunk_state == _FINISHED:
-            self._done()
-
-    def _dechunk(self, data: bytes) -> bytes:
-        buf = self._partial + data if self._partial else data
-        self._partial = b""
-        out: list[bytes] = []
-        pos, end = 0, len(buf)
-        while pos < end:
-            state = self._chunk_state
-            if state == _DATA:
-                take = min(self._left, end - pos)
-                out.append(buf[pos:pos + take])
-                pos += take
-                self._left -= take
-                if self._left == 0:
-                    self._chunk_state = _DATA_END
-            elif state == _DATA_END:
-                if end - pos < 2:
-                    self._partial = buf[pos:]
-                    break
-                if buf[pos:pos + 2] != b"\r\n":
-                    raise UpstreamProtocolError("chunk not followed by CRLF")
-                pos += 2
-                self._chunk_state = _SIZE
-            elif state == _FINISHED:
-                self._reusable = False          # bytes after the last chunk
-                break
-            else:                               # _SIZE or _TRAILER: one CRLF-terminated line
-                eol = buf.find(b"\r\n", pos, pos + MAX_LINE_BYTES + 2)
-                if eol < 0:
-                    if end - pos > MAX_LINE_BYTES:
-                        raise UpstreamProtocolError("chunk line too long")
-                    self._partial = buf[pos:]
-                    break
-                line = buf[pos:eol]
-                pos = eol + 2
-                if state == _TRAILER:
-                    if not line:
-                        self._chunk_state = _FINISHED
-                    continue
-                size = line.partition(b";")[0].strip(b" \t")
-                if not size or len(size) > 15 or size.translate(None, _HEX):
-                    raise UpstreamProtocolError("malformed chunk size")
-                self._left = int(size, 16)
-                self._chunk_state = _DATA if self._left else _TRAILER
-        if len(out) == 1:
-            return out[0]
-        return b"".join(out)
 
     def _push(self, data: bytes) -> None:
         if not data:

@@ -92,15 +92,20 @@ lint-unit: ## systemd-analyze security of the unit: exposure 1.5 or lower
 
 BENCH_DIR ?= ../shared/bench
 BENCH_DUR ?= 10
-bench-compare: $(VENV)/.installed ## The gateway next to the bare aiohttp proxy (BENCH_DIR's compare.py)
-	tools/bootstrap-debian wrk util-linux
+# DEPS=debian: compare.py, ref_proxy.py and the gateway all on Debian's interpreter and
+# aiohttp 3.8.4 (what the appliance runs); default: the venv's newest releases.
+BENCH_PY_pypi = $(CURDIR)/$(VENV)/bin/python
+BENCH_PY_debian = $(SYSPY)
+BENCH_PY = $(BENCH_PY_$(DEPS))
+bench-compare: $(VENV)/.installed ## The gateway next to the bare aiohttp proxy (BENCH_DIR's compare.py; DEPS=debian too)
+	tools/bootstrap-debian wrk util-linux python3-psutil $(DEBIAN_RUNTIME)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check psutil
 	mkdir -p build
-	cd $(BENCH_DIR) && $(CURDIR)/$(VENV)/bin/python compare.py --dur $(BENCH_DUR) \
-		--gateway-setup '$(CURDIR)/bench/gateway-setup {workdir} $(CURDIR)/$(VENV)/bin/python' \
-		--gateway-cmd 'exec $(CURDIR)/$(VENV)/bin/python -m neuraldrive_gw serve --config {workdir}/gw.yaml --listen 127.0.0.1:{port} --upstream {upstream}' \
+	cd $(BENCH_DIR) && PYTHONPATH=$(CURDIR) $(BENCH_PY) compare.py --dur $(BENCH_DUR) \
+		--gateway-setup '$(CURDIR)/bench/gateway-setup {workdir} $(BENCH_PY)' \
+		--gateway-cmd 'exec $(BENCH_PY) -m neuraldrive_gw serve --config {workdir}/gw.yaml --listen 127.0.0.1:{port} --upstream {upstream}' \
 		--gateway-ready /healthz --out $(CURDIR)/build/bench-results.jsonl \
-		| tee $(CURDIR)/build/bench-comparison.md
+		| tee $(CURDIR)/build/bench-comparison-$(DEPS).md
 
 SOAK_S ?= 600
 bench: $(VENV)/.installed ## This repo's benchmark: gateway vs the fake Ollama alone (bench/run.py)

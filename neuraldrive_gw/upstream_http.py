@@ -148,9 +148,7 @@ class Response:
 
     def _finish(self) -> None:
         self._finished = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
 
     # -- the connection's side ---------------------------------------------------------
 
@@ -252,9 +250,7 @@ class Response:
 
     def _done(self) -> None:
         self._state = _DONE
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
@@ -262,14 +258,17 @@ class Response:
             return
         self._state = _FAILED
         self._error = exc
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
         if not self._head_waiter.done():
             self._head_waiter.set_exception(exc)
             self._head_waiter.exception()       # retrieved: no "never retrieved" warning
         self._wake()
         self._conn.abort()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -648,7 +648,7 @@ def measure_writer(built: Built, python: str, rate: float, secs: float,
 
 async def _spend_query(db: str, days: float) -> float:
     from neuraldrive_gw import store
-    from neuraldrive_gw.audit import spend_since
+    from neuraldrive_gw.spend import spend_since
     conn = await store.open_async(db)
     try:
         began = time.perf_counter()
@@ -702,7 +702,7 @@ def measure_startup(built: Built, python: str, runs: int) -> list[list[Any]]:
                            os.path.join(workdir, "gw.db")]),
                 env=child_env(), capture_output=True, timeout=120, check=True)
             today, month = json.loads(done.stdout.decode().strip().splitlines()[-1])
-            rows.append(["(for information: the budget rebuild query `audit.spend_since` alone, "
+            rows.append(["(for information: the budget rebuild query `spend.spend_since` alone, "
                          "pinned like the gateway: since 1 day / since 31 days)",
                          f"{today:.3f}", f"{month:.3f}", "", "", "", "–"])
         finally:

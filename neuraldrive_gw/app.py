@@ -22,7 +22,8 @@ from aiohttp import web
 
 from . import keys, store
 from .appkeys import PIPELINE
-from .audit import AuditWriter, spend_in_periods
+from .audit import AuditWriter
+from .spend import spend_in_periods
 from .auth import Authenticator, KeyVerifier, MasterKey
 from .clock import Clock, SystemClock
 from .config import Config

@@ -174,7 +174,7 @@ CREATE INDEX prompt_log_key_at ON prompt_log (key_id, at);
 """
 
 # Covering indexes for the token sums per key and per tenant: `neuraldrive-gw usage` and
-# the budget ledger the daemon rebuilds from the audit log at start-up (audit.spend_since).
+# the budget ledger the daemon rebuilds from the audit log at start-up (spend.spend_in_periods).
 # Each reads its columns from the index alone, in GROUP BY order, where (key_id, at) and
 # (tenant, at) cost one table lookup per row. With 1,000,000 rows (bench/scale.py) the
 # `usage` queries took 3-10 s, now 0.2 s; the start-up query 5-8 s over a month of rows,

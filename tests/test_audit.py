@@ -24,7 +24,8 @@ import pytest
 from faults import fill, immutable
 from neuraldrive_gw import audit as audit_module
 from neuraldrive_gw import store
-from neuraldrive_gw.audit import AuditRecord, AuditWriter, spend_in_periods, spend_since
+from neuraldrive_gw.audit import AuditRecord, AuditWriter
+from neuraldrive_gw.spend import spend_in_periods, spend_since
 from neuraldrive_gw.auditchain import (CONTENT, ZERO_HASH, ChainBroken, content_json, prune,
                                        row_hash, verify)
 

@@ -1,7 +1,7 @@
 """Schema migration 4: covering indexes for the token sums per key and per tenant.
 
 `neuraldrive-gw usage` and the budget ledger the daemon rebuilds at start-up
-(audit.spend_since) sum tokens per key and per tenant. bench/scale.py measures them at
+(spend.spend_since) sum tokens per key and per tenant. bench/scale.py measures them at
 1,000,000 rows (seconds before, ~0.2 s after); this pins the cause, on a small database:
 their query plans read every column from an index (no table lookup per row), and `usage`
 reads it in GROUP BY order (no temporary B-tree).
@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from neuraldrive_gw import store
-from neuraldrive_gw.audit import AuditRecord, spend_since
+from neuraldrive_gw.audit import AuditRecord
+from neuraldrive_gw.spend import spend_since
 from neuraldrive_gw.auditchain import INSERT, anchor, content_json, row_hash, verify
 from neuraldrive_gw.auditreport import usage
 

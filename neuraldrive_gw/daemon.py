@@ -38,21 +38,16 @@ class Notifier:
             self._notifier.notify(message)
 
 
-_log_sink: logsink.BatchingStreamHandler | None = None
-
-
 def setup_logging(level: str) -> None:
     """stderr, one line per record, INFO lines written in batches (logsink.py)."""
-    global _log_sink
-    _log_sink = logsink.setup(level, sys.stderr)
+    logsink.setup(level, sys.stderr)
 
 
 async def _flush_logs() -> None:
     """Write the batched log lines every FLUSH_EVERY_S (a quiet daemon holds none back)."""
     while True:
         await asyncio.sleep(logsink.FLUSH_EVERY_S)
-        if _log_sink is not None:
-            _log_sink.flush()
+        logsink.flush()
 
 
 def _runner_and_site_kwargs(grace_s: float) -> tuple[dict[str, Any], dict[str, Any]]:

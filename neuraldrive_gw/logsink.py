@@ -44,10 +44,12 @@ class BatchingStreamHandler(logging.Handler):
             self.flush()
 
     def append(self, line: str) -> None:
-        """A line already formatted (AccessLog): batched like any INFO record."""
-        self._lines.append(line)
-        if len(self._lines) >= self.max_lines:
-            self.flush()
+        """A line already formatted (AccessLog): batched like any INFO record. Under the
+        handler's lock, as emit() is: a thread's warning may be flushing the batch."""
+        with self.lock:  # type: ignore[union-attr]  # created in Handler.__init__
+            self._lines.append(line)
+            if len(self._lines) >= self.max_lines:
+                self.flush()
 
     def flush(self) -> None:
         # The handler's lock: emit() and flush() may come from the loop and from threads.
@@ -81,6 +83,13 @@ def setup(level: str, stream: TextIO | None = None) -> BatchingStreamHandler:
     global _sink
     _sink = handler
     return handler
+
+
+def flush() -> None:
+    """Write what the daemon's handler holds (its event loop calls this every
+    FLUSH_EVERY_S; logging.shutdown() does it at exit)."""
+    if _sink is not None:
+        _sink.flush()
 
 
 class AccessLog:

@@ -124,7 +124,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: get(url + "/healthz") == 200, 30, "gateway ready")
         yield {"url": url, "key": key, "db": db, "key_file": key_file, "upstream": upstream,
-               "config": str(config)}
+               "config": str(config), "log": str(workdir / "gateway.log")}
     finally:
         if gateway is not None:
             assert stop(gateway) == 0
@@ -171,6 +171,25 @@ def test_master_key_file_rewrite_is_picked_up_within_two_seconds(stack: dict[str
     wait_until(lambda: get(stack["url"] + "/api/tags", MASTER) == 401, 2.0, "master key rotation")
     assert get(stack["url"] + "/api/tags", new) == 200
     write_key_file(stack["key_file"], MASTER + "\n")
+
+
+def test_each_request_is_one_access_line_on_stderr_while_the_daemon_runs(
+        stack: dict[str, str]) -> None:
+    """SPEC §11: one structured line per request on stderr. The daemon writes them in
+    batches (logsink.py): the line must still appear while it runs, never hold the key."""
+    assert get(stack["url"] + "/api/version", stack["key"]) == 200
+    lines: list[str] = []
+
+    def logged() -> bool:
+        with open(stack["log"]) as log:
+            lines[:] = [line for line in log if "neuraldrive_gw.access:" in line
+                        and "path=/api/version status=200" in line]
+        return bool(lines)
+    wait_until(logged, 2.0, "the access line on stderr")
+    assert lines[-1].startswith("INFO neuraldrive_gw.access: rid=")
+    assert f"key={stack['key'][3:11]} " in lines[-1]
+    with open(stack["log"]) as log:
+        assert stack["key"] not in log.read()
 
 
 def test_check_config(stack: dict[str, str], tmp_path: Path) -> None:

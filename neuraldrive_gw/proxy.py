@@ -246,7 +246,7 @@ async def relay_stream(request: web.BaseRequest, resp: UpstreamResponse, meter: 
         except UpstreamReadTimeout:
             outcome.error = "upstream read timeout"
         except UpstreamIOError as exc:         # reset, truncated or malformed body, ...
-            outcome.error = f"upstream connection lost ({exc})"
+            outcome.error = f"upstream stream broken: {exc}"
         except ValueError as exc:              # the meter refused an unbounded event
             outcome.error = f"upstream protocol error ({exc})"
         outcome.complete = meter.complete and outcome.error is None

@@ -14,6 +14,7 @@ Pure state on an injected monotonic clock; no tasks, no I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from .buckets import TokenBucket
 DEFAULT_MAX_TRACKED = 10_000
 
 
+@functools.lru_cache(maxsize=4096)
 def address_group(address: str) -> str:
     """The unit the limit applies to: the IPv4 address, or the IPv6 /64 it lies in."""
     try:
@@ -84,9 +86,14 @@ class AuthFailureLimiter:
 
     def refund(self, address: str) -> None:
         """Give back a failure counted in advance (an Argon2 verification that succeeded)."""
-        bucket = self._buckets.get(address_group(address))
+        group = address_group(address)
+        bucket = self._buckets.get(group)
         if bucket is not None:
             bucket.give_back(1)
+            if bucket.level() >= bucket.capacity:
+                # Nothing left to remember: an empty table lets check() skip all work
+                # for every later request (a verified key's first request put it there).
+                del self._buckets[group]
 
     def _make_room(self) -> None:
         if len(self._buckets) < self._max_tracked:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import hmac
 import logging
 import os
@@ -147,6 +146,7 @@ class _Verified:
     key_id: str
     hash: str
     at: float
+    principal: Principal        # built once per verified record, reused by every request
 
 
 class KeyVerifier:
@@ -211,12 +211,17 @@ class KeyVerifier:
         record = self.snapshot.keys.get(key_id)
         if record is None or not record.usable(self._wall()):
             raise Unauthorized()
-        digest = hmac.new(self._secret, token.encode(), hashlib.sha256).digest()
+        digest = hmac.digest(self._secret, token.encode(), "sha256")
         now = self._monotonic()
         hit = self._cache.get(digest)
         if hit is not None:
             if hit.key_id == key_id and hit.hash == record.hash and now - hit.at < CACHE_TTL_S:
-                return principal_for(record)
+                if hit.principal.record is record:
+                    return hit.principal
+                # The snapshot was reloaded: same key, new record (limits may differ).
+                principal = principal_for(record)
+                self._cache[digest] = _Verified(key_id, record.hash, hit.at, principal)
+                return principal
             del self._cache[digest]
         failed_at = self._failed.get(digest)
         if failed_at is not None and now - failed_at < NEGATIVE_TTL_S:
@@ -224,10 +229,11 @@ class KeyVerifier:
         if not await self._verify_once(digest, record, token, on_verify):
             self._remember_failure(digest, now)
             raise Unauthorized()
-        self._cache[digest] = _Verified(key_id, record.hash, now)
+        principal = principal_for(record)
+        self._cache[digest] = _Verified(key_id, record.hash, now, principal)
         if len(self._cache) > CACHE_MAX:
             self._cache.popitem(last=False)
-        return principal_for(record)
+        return principal
 
     async def _verify_once(self, digest: bytes, record: KeyRecord, token: str,
                            on_start: Callable[[], None] | None = None) -> bool:

@@ -59,6 +59,11 @@ def _reject_constant(name: str) -> NoReturn:
     raise BodyError(f"invalid JSON body: {name} is not allowed")
 
 
+# Built once: json.loads and json.dumps with options build a new coder on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_to_dict, parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _has_surrogate(s: str) -> bool:
     try:
         s.encode("utf-8")
@@ -177,7 +182,7 @@ def parse_json_body(raw: bytes, *, max_depth: int = 64) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise BodyError("invalid JSON body: not valid UTF-8") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_pairs_to_dict, parse_constant=_reject_constant)
+        obj = _DECODER.decode(text)
     except BodyError:
         raise
     except RecursionError:
@@ -193,5 +198,4 @@ def parse_json_body(raw: bytes, *, max_depth: int = 64) -> dict[str, Any]:
 
 def serialise(obj: Mapping[str, Any]) -> bytes:
     """The bytes forwarded upstream: compact UTF-8 JSON, never NaN."""
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return text.encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")

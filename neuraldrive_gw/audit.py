@@ -27,7 +27,7 @@ from typing import Any
 import aiosqlite
 
 from . import store
-from .auditchain import INSERT, AuditRecord, content_json, row_hash
+from .auditchain import CONTENT, INSERT, AuditRecord, content_json, row_hash, row_values
 from .dbfile import FileIdentity
 from .store import StoreError
 
@@ -41,6 +41,9 @@ GATHER_S = 0.025
 
 __all__ = ["AuditRecord", "AuditWriter"]
 
+
+_PROMPT_TOKENS = CONTENT.index("prompt_tokens")
+_COMPLETION_TOKENS = CONTENT.index("completion_tokens")
 
 # (content values, their canonical JSON)
 _Pending = tuple[tuple[Any, ...], str]
@@ -190,8 +193,15 @@ class AuditWriter:
         """Queue one row. O(1), never blocks, never raises for storage reasons (a malformed
         record raises ValueError). Past the hard limit, or after close(), rows without
         tokens are dropped and counted in `dropped`."""
-        values = record.values()
-        charged = record.prompt_tokens + record.completion_tokens > 0
+        self._enqueue(record.values())
+
+    def submit_fields(self, fields: tuple[Any, ...]) -> None:
+        """submit() for a record's fields as one tuple in CONTENT order (the request path:
+        no record object per request)."""
+        self._enqueue(row_values(fields))
+
+    def _enqueue(self, values: tuple[Any, ...]) -> None:
+        charged = values[_PROMPT_TOKENS] + values[_COMPLETION_TOKENS] > 0
         if self._closed or (not charged and len(self._queue) >= self._hard_limit):
             if not self._dropped or self._dropped % 1000 == 0:
                 log.error("audit row dropped (%s): %d so far",

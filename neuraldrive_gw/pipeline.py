@@ -24,7 +24,6 @@ from aiohttp import web
 
 from . import clientip
 from .audit import AuditWriter
-from .auditchain import AuditRecord
 from .auth import Authenticator
 from .body import BodyError, ShapedRequest, ShapeLimits, parse_json_body, serialise, shape_request
 from .capture import TextCapture
@@ -123,7 +122,7 @@ class Pipeline:
 
     # -- entry point -----------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = new_request_id()
         started = self.monotonic()
         arrived = self.wall()
@@ -194,18 +193,13 @@ class Pipeline:
         first = outcome.first_byte_at if isinstance(outcome, Outcome) else None
         tokens = info.get("tokens")
         prompt, completion = tokens if isinstance(tokens, tuple) else (0, 0)
-        self.audit.submit(AuditRecord(
-            request_id=request_id, at=arrived,
-            key_id=str(info["key"]) if "key" in info else None,
-            tenant=str(info["tenant"]) if info.get("tenant") else None,
-            client_ip=client, method=method, route=str(info.get("path", "-")),
-            model=str(info["model"]) if "model" in info else None, status=status,
-            outcome=str(info.get("reason", "ok")), stream=bool(info.get("stream", False)),
-            prompt_tokens=int(prompt), completion_tokens=int(completion),
-            metering=str(info.get("metering", "none")),
-            bytes_out=outcome.bytes_out if isinstance(outcome, Outcome) else 0,
-            ttfb_ms=None if first is None else (first - started) * 1000,
-            duration_ms=duration_ms))
+        # AuditRecord's fields in CONTENT order (auditchain.py), without the object.
+        self.audit.submit_fields((
+            request_id, arrived, info.get("key"), info.get("tenant") or None, client, method,
+            info.get("path", "-"), info.get("model"), status, info.get("reason", "ok"),
+            bool(info.get("stream", False)), prompt, completion, info.get("metering", "none"),
+            outcome.bytes_out if isinstance(outcome, Outcome) else 0,
+            None if first is None else (first - started) * 1000, duration_ms))
 
     def _client_ip(self, request: web.BaseRequest) -> str:
         transport = request.transport
@@ -216,7 +210,7 @@ class Pipeline:
 
     # -- the steps ---------------------------------------------------------------------------
 
-    async def _process(self, request: web.Request, request_id: str,
+    async def _process(self, request: web.BaseRequest, request_id: str,
                        info: dict[str, object]) -> web.StreamResponse:
         path = canonical_path(request.raw_path)
         info["path"] = path
@@ -309,7 +303,7 @@ class Pipeline:
         info["tokens"] = (prompt, completion)
         info["metering"] = quality
 
-    async def _shape(self, request: web.Request, route: Route, principal: Principal,
+    async def _shape(self, request: web.BaseRequest, route: Route, principal: Principal,
                      info: dict[str, object]) -> ShapedRequest:
         raw = await read_body(request, max_bytes=self.config.limits.max_body_bytes,
                               timeout_s=self.config.limits.body_timeout_s)
@@ -327,7 +321,7 @@ class Pipeline:
         shaped.body.pop("name", None)
         return shaped
 
-    async def _forward(self, request: web.Request, request_id: str, route: Route,
+    async def _forward(self, request: web.BaseRequest, request_id: str, route: Route,
                        upstream_path: str, body: bytes | None, shaped: ShapedRequest | None,
                        principal: Principal, info: dict[str, object], outcome: Outcome,
                        extra: dict[str, str]) -> web.StreamResponse:

@@ -163,7 +163,27 @@ def test_a_malformed_record_is_refused_at_submit(changes: dict[str, Any]) -> Non
     writer = AuditWriter("/nonexistent")
     with pytest.raises(ValueError):
         writer.submit(rec(**changes))
+    record = rec(**changes)
+    with pytest.raises(ValueError, match="AuditRecord"):
+        writer.submit_fields(tuple(getattr(record, name) for name in CONTENT))
     assert writer.queued == 0
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"at": 1_700_000_000}, {"ttfb_ms": None}, {"ttfb_ms": 3}, {"duration_ms": 0},
+    {"key_id": None, "tenant": None, "model": None, "client_ip": None}, {"stream": False},
+])
+def test_fields_given_as_a_tuple_are_stored_as_the_record_would_be(
+        changes: dict[str, Any]) -> None:
+    """The request path's submit_fields() and submit(record) queue identical rows."""
+    record = rec(**changes)
+    by_record, by_fields = AuditWriter("/nonexistent"), AuditWriter("/nonexistent")
+    by_record.submit(record)
+    by_fields.submit_fields(tuple(getattr(record, name) for name in CONTENT))
+    assert list(by_fields._queue) == list(by_record._queue)
+    values, content = by_fields._queue[0]
+    assert type(values[CONTENT.index("at")]) is float
+    assert content == json.dumps(list(values), separators=(",", ":"), ensure_ascii=True)
 
 
 def test_the_hash_is_sha256_of_prev_hash_and_the_canonical_row() -> None:

@@ -45,6 +45,24 @@ def test_failures_refill_continuously() -> None:
         limiter.check("192.0.2.1")
 
 
+def test_a_refund_that_leaves_nothing_owed_forgets_the_address() -> None:
+    """A verified key's first request is counted in advance and refunded: the address
+    must not stay tracked, or every later request from it pays for a lookup."""
+    clock = FakeClock()
+    limiter = AuthFailureLimiter(3, clock.monotonic)
+    limiter.failed("192.0.2.1")                     # counted in advance ...
+    limiter.refund("192.0.2.1")                     # ... and the key verified
+    assert limiter.tracked == 0
+    limiter.failed("192.0.2.1")
+    limiter.failed("192.0.2.1")                     # a real failure, then an advance count
+    limiter.refund("192.0.2.1")
+    assert limiter.tracked == 1                     # the real failure is still owed
+    limiter.failed("192.0.2.1")
+    limiter.failed("192.0.2.1")
+    with pytest.raises(RateLimited):
+        limiter.check("192.0.2.1")
+
+
 def test_memory_is_bounded_and_draining_addresses_are_kept_longest() -> None:
     clock = FakeClock()
     limiter = AuthFailureLimiter(2, clock.monotonic, max_tracked=100)

@@ -71,8 +71,6 @@ class Response:
         self._head_waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiter: asyncio.Future[None] | None = None
         self._last_read = self._loop.time()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(
-            self._last_read + read_timeout_s, self._check_timeout)
         self._finished = False               # released or closed
 
     # -- the consumer's side -----------------------------------------------------------
@@ -148,7 +146,6 @@ class Response:
 
     def _finish(self) -> None:
         self._finished = True
-        self._stop_timer()
 
     # -- the connection's side ---------------------------------------------------------
 
@@ -250,7 +247,6 @@ class Response:
 
     def _done(self) -> None:
         self._state = _DONE
-        self._stop_timer()
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
@@ -258,37 +254,26 @@ class Response:
             return
         self._state = _FAILED
         self._error = exc
-        self._stop_timer()
         if not self._head_waiter.done():
             self._head_waiter.set_exception(exc)
             self._head_waiter.exception()       # retrieved: no "never retrieved" warning
         self._wake()
         self._conn.abort()
 
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _check_timeout(self) -> None:
-        """The read timeout is the longest silence between two reads; one timer per
-        response, re-armed lazily, instead of one per read."""
-        self._timer = None
-        if self._state not in (_HEAD, _BODY):
-            return
-        deadline = self._last_read + self._read_timeout_s
-        if self._paused or self._loop.time() < deadline:
-            if self._paused:
-                deadline = self._loop.time() + self._read_timeout_s
-            self._timer = self._loop.call_at(deadline, self._check_timeout)
-            return
+    def timed_out(self, now: float) -> bool:
+        """Fail the response if the upstream has been silent for longer than the read
+        timeout (the client's sweep asks); a pause of our own is not its silence."""
+        if self._state not in (_HEAD, _BODY) or self._paused or \
+                now - self._last_read < self._read_timeout_s:
+            return False
         self._reusable = False
         self._fail(UpstreamReadTimeout("upstream read timeout"))
+        return True
 
 
 class _Connection(asyncio.Protocol):
@@ -350,6 +335,8 @@ class UpstreamClient:
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._shut = False                    # close(): nothing left to sweep
         host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._head_suffix = f" HTTP/1.1\r\nHost: {host_header}\r\nAccept-Encoding: identity\r\n"
         self._closed = False
@@ -389,6 +376,8 @@ class UpstreamClient:
             conn = self._pick() or await self._connect()
             self._busy.add(conn)
             response = conn.response = Response(conn, method, self.read_timeout_s)
+            if self._sweeper is None:
+                self._arm_sweep()
             assert conn.transport is not None
             conn.transport.write(payload)
             await response._head_waiter
@@ -420,10 +409,30 @@ class UpstreamClient:
 
     async def close(self) -> None:
         """Close every connection, idle or busy."""
-        self._closed = True
+        self._closed = self._shut = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in self._idle + list(self._busy):
             conn.abort()
         self._idle.clear()
+
+    def _arm_sweep(self) -> None:
+        # A timeout is noticed within an eighth of itself (at most a second) after it
+        # passes. One timer per client, not one per response: arming and cancelling a
+        # timer for every request cost more than the sweep does.
+        every = min(max(self.read_timeout_s / 8, 0.005), 1.0)
+        self._sweeper = self.loop.call_later(every, self._sweep)
+
+    def _sweep(self) -> None:
+        """The read timeout of every response being read; runs while any is."""
+        self._sweeper = None
+        now = self.loop.time()
+        for conn in list(self._busy):
+            if conn.response is not None:
+                conn.response.timed_out(now)
+        if self._busy and not self._shut:       # a retired client still reads its answers
+            self._arm_sweep()
 
     def _pick(self) -> _Connection | None:
         now = self.loop.time()

@@ -265,6 +265,22 @@ async def test_silence_longer_than_the_read_timeout_fails(scripted) -> None:
     await client.close()
 
 
+async def test_a_body_that_stalls_times_out_even_after_the_client_is_retired(scripted) -> None:
+    """The read timeout covers the body too, and a response still being read when the
+    upstream moved (retire) keeps it."""
+    server = await scripted(lambda head: [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"])
+    client = _client(server.port, read_timeout_s=0.05)
+    response = await client.request("POST", "/api/chat", b"{}")
+    assert await response.read_chunk() == b"abc"
+    client.retire()
+    with pytest.raises(UpstreamReadTimeout):
+        async with asyncio.timeout(5):          # a plain TimeoutError would not match
+            await response.read_chunk()
+    response.close()
+    assert client.active == 0
+    await client.close()
+
+
 async def test_a_cancelled_request_closes_its_connection(scripted) -> None:
     server = await scripted(lambda head: None)
     client = _client(server.port)

@@ -146,7 +146,9 @@ class Pipeline:
             response = error_response(GatewayError(), dialect, request_id)
         finally:
             status = response.status if response is not None else 499
-            if response is not None and not response.prepared:
+            # Relayed answers were built with these headers; refusals and health get them here.
+            if response is not None and not response.prepared and \
+                    "X-Request-ID" not in response.headers:
                 response.headers["X-Request-ID"] = request_id
                 rate_headers = info.get("rate_headers")
                 if isinstance(rate_headers, dict):

@@ -9,6 +9,7 @@ decoded and the forwarded path one and the same string.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -77,6 +78,8 @@ class Target:
     model: str | None = None        # the path model of /v1/models/{model}
 
 
+# Both are pure functions of strings, memoised: a client sends the same few targets.
+@functools.lru_cache(maxsize=512)
 def canonical_path(raw_target: str) -> str:
     """The path of a request target, or NotCanonical. The query string is dropped.
 
@@ -92,6 +95,7 @@ def canonical_path(raw_target: str) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=512)
 def resolve(method: str, path: str) -> Target:
     """Map a canonical path and method to a Target, or raise RouteNotFound/MethodNotAllowed.
 

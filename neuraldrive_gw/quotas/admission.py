@@ -67,6 +67,10 @@ def tenant_limits(tenant: Tenant, default_period: str) -> Limits:
                   max_concurrent=tenant.max_concurrent or None)
 
 
+def _remaining(level: float) -> str:
+    return str(math.floor(level)) if level > 0 else "0"
+
+
 def openai_duration(seconds: float) -> str:
     """A wait as OpenAI spells it in `x-ratelimit-reset-*`: "250ms", "1.5s", "6m0s", "1h0m0s"
     (Go duration syntax, rounded up to the millisecond so it never promises too early)."""
@@ -86,6 +90,10 @@ def openai_duration(seconds: float) -> str:
 class Ticket:
     """What one admitted request holds: bucket debits, budget reservations, concurrency
     counts and (inference routes) a model slot."""
+
+    __slots__ = ("_admission", "principal", "estimate", "headers", "slot", "metering",
+                 "_request_debit", "_token_debits", "_reservations", "_counted", "_settled",
+                 "_released")
 
     def __init__(self, admission: Admission, principal: Principal, estimate: int):
         self._admission = admission
@@ -162,6 +170,23 @@ class Ticket:
         self._counted.clear()
 
 
+class _Plan:
+    """One key's admission, resolved (Admission._plan)."""
+
+    __slots__ = ("record", "config", "requests", "tokens", "counters", "budgets",
+                 "queue_tenant", "weight")
+
+    def __init__(self, record: object, config: Config, requests: TokenBucket | None,
+                 tokens: list[TokenBucket],
+                 counters: list[tuple[str, str, dict[str, int], int | None]],
+                 budgets: list[tuple[Scope, int, str]], queue_tenant: str, weight: int):
+        self.record, self.config = record, config
+        self.requests, self.tokens = requests, tokens
+        self.counters = counters           # (kind, name, in-flight counts, max or None)
+        self.budgets = budgets             # (scope, budget, period)
+        self.queue_tenant, self.weight = queue_tenant, weight
+
+
 class Admission:
     """Holds the in-memory quota state of the daemon and admits requests against it."""
 
@@ -178,6 +203,7 @@ class Admission:
         self._tenant_active: dict[str, int] = {}
         self._budgets: dict[Scope, tuple[int, str]] = {}      # last seen, for status
         self._limits_memo: dict[str, tuple[object, Config, tuple[Limits, Limits | None]]] = {}
+        self._plans: dict[str, _Plan] = {}
         self.counters: dict[str, int] = {"admitted": 0, "rejected_concurrency": 0,
                                          "rejected_budget": 0, "rejected_rate": 0,
                                          "queue_abandoned": 0, "settled_tokens": 0,
@@ -240,11 +266,14 @@ class Admission:
 
     # -- admitting -------------------------------------------------------------------------
 
-    async def admit(self, principal: Principal, route_inference: bool,
-                    estimate_tokens: int) -> Ticket:
-        """Check every limit, debit them all, then (inference) wait for a model slot.
-        Raises TooManyConcurrent, BudgetExhausted, RateLimited or QueueTimeout."""
-        estimate = max(0, int(estimate_tokens))
+    def _plan(self, principal: Principal) -> _Plan:
+        """The buckets, scopes and counters one key's admission touches, remembered while
+        the key's record and the config are the same objects (a key-store refresh that
+        changed them, or a reload, replaces those, and the next admission builds anew)."""
+        record, config = principal.record, self.config
+        memo = self._plans.get(principal.key_id)
+        if memo is not None and memo.record is record and memo.config is config:
+            return memo
         key_lim, tenant_lim = self.limits_for(principal)
         key_id, tenant = principal.key_id, principal.tenant
         requests = self._bucket(self._key_requests, key_id, key_lim.requests_per_min)
@@ -253,38 +282,57 @@ class Admission:
                               self._bucket(self._tenant_tokens, tenant, tenant_lim.tokens_per_min))
                   if b is not None]
         scopes = self._scopes(principal, key_lim, tenant_lim)
+        counters = [(kind, name, self._key_active if kind == "key" else self._tenant_active,
+                     lim.max_concurrent) for (kind, name), lim in scopes]
+        budgets = [(scope, lim.token_budget, lim.budget_period) for scope, lim in scopes
+                   if lim.token_budget is not None]
+        for scope, budget, period in budgets:
+            self._budgets[scope] = (budget, period)
+        plan = _Plan(record, config, requests, tokens, counters, budgets,
+                     MASTER_QUEUE_TENANT if tenant is None else tenant,
+                     1 if record is None else record.tenant.weight)
+        if len(self._plans) >= _LIMITS_MEMO_MAX:
+            self._plans.clear()
+        self._plans[key_id] = plan
+        return plan
+
+    async def admit(self, principal: Principal, route_inference: bool,
+                    estimate_tokens: int) -> Ticket:
+        """Check every limit, debit them all, then (inference) wait for a model slot.
+        Raises TooManyConcurrent, BudgetExhausted, RateLimited or QueueTimeout."""
+        estimate = max(0, int(estimate_tokens))
+        plan = self._plan(principal)
+        requests, tokens = plan.requests, plan.tokens
 
         # 1. Checks. Nothing below mutates quota state until every check has passed.
         # Refusals carry the headers as they stand (computed only when refusing).
-        def headers() -> dict[str, str]:
-            return self._headers(requests, tokens)
-        for (kind, name), lim in scopes:
-            active = (self._key_active if kind == "key" else self._tenant_active).get(name, 0)
-            if lim.max_concurrent is not None and active >= lim.max_concurrent:
+        for kind, name, counts, limit in plan.counters:
+            if limit is not None and counts.get(name, 0) >= limit:
                 self.counters["rejected_concurrency"] += 1
                 raise TooManyConcurrent(f"too many concurrent requests for this {kind}",
-                                        headers=headers())
-        now = self.clock.time()
+                                        headers=self._headers(requests, tokens))
         # A request that reserves no tokens (listings, show) is not held to token limits.
-        budgets = [(scope, lim.token_budget, lim.budget_period) for scope, lim in scopes
-                   if lim.token_budget is not None and estimate > 0]
+        budgets = plan.budgets if estimate > 0 else ()
+        now = self.clock.time() if budgets else 0.0
         for scope, budget, period in budgets:
-            self._budgets[scope] = (budget, period)
             if not self.ledger.can_reserve(scope, budget, period, estimate, now):
                 self.counters["rejected_budget"] += 1
                 raise BudgetExhausted(
                     f"token budget exhausted for this {scope[0]}; it resets at "
                     f"{format_reset(period, now)}",
-                    retry_after_s=reset_time(period, now) - now, headers=headers())
+                    retry_after_s=reset_time(period, now) - now,
+                    headers=self._headers(requests, tokens))
         if requests is not None and not requests.can_take(1):
             self.counters["rejected_rate"] += 1
             raise RateLimited("request rate limit reached for this key",
-                              retry_after_s=requests.seconds_until(1), headers=headers())
-        for bucket in tokens if estimate > 0 else []:
+                              retry_after_s=requests.seconds_until(1),
+                              headers=self._headers(requests, tokens))
+        for bucket in tokens if estimate > 0 else ():
             if not bucket.can_take(estimate):
                 self.counters["rejected_rate"] += 1
                 raise RateLimited("token rate limit reached",
-                                  retry_after_s=bucket.seconds_until(estimate), headers=headers())
+                                  retry_after_s=bucket.seconds_until(estimate),
+                                  headers=self._headers(requests, tokens))
 
         # 2. Debits: all of them, with no await since the checks.
         ticket = Ticket(self, principal, estimate)
@@ -292,26 +340,29 @@ class Admission:
             ticket._request_debit = (requests, requests.take(1))
         if estimate > 0:
             ticket._token_debits = [(bucket, bucket.take(estimate)) for bucket in tokens]
-        ticket._reservations = [self.ledger.reserve(scope, period, estimate, now)
-                                for scope, _, period in budgets]
-        for (kind, name), _ in scopes:
-            counts = self._key_active if kind == "key" else self._tenant_active
+            ticket._reservations = [self.ledger.reserve(scope, period, estimate, now)
+                                    for scope, _, period in budgets]
+        counted = ticket._counted
+        for _, name, counts, _ in plan.counters:
             counts[name] = counts.get(name, 0) + 1
-            ticket._counted.append((counts, name))
+            counted.append((counts, name))
         ticket.headers = self._headers(requests, tokens)
         self.counters["admitted"] += 1
 
         # 3. The model slot: may wait; a timeout or a cancellation undoes everything.
         if route_inference:
-            weight = 1 if principal.record is None else principal.record.tenant.weight
-            try:
-                ticket.slot = await self.queue.acquire(
-                    tenant if tenant is not None else MASTER_QUEUE_TENANT, weight, key_id,
-                    self.config.limits.queue_timeout_s)
-            except BaseException:
-                self.counters["queue_abandoned"] += 1
-                ticket._rollback()
-                raise
+            queue = self.queue
+            slot = queue.try_acquire(plan.queue_tenant, plan.weight, principal.key_id)
+            if slot is None:
+                try:
+                    slot = await queue.acquire(plan.queue_tenant, plan.weight,
+                                               principal.key_id,
+                                               self.config.limits.queue_timeout_s)
+                except BaseException:
+                    self.counters["queue_abandoned"] += 1
+                    ticket._rollback()
+                    raise
+            ticket.slot = slot
         return ticket
 
     def _settled(self, actual: int, estimated: bool) -> None:
@@ -323,21 +374,23 @@ class Admission:
     def _headers(requests: TokenBucket | None, tokens: list[TokenBucket]) -> dict[str, str]:
         """`x-ratelimit-*` for the key's request bucket and the tightest token bucket;
         a dimension without a limit (an unlimited key, the master key by default) has
-        no headers."""
+        no headers. (Every admitted request pays for these: spelt out, no loops.)"""
         headers: dict[str, str] = {}
-        tightest: tuple[TokenBucket, tuple[float, float]] | None = None
-        for bucket in tokens:
-            state = bucket.headroom()
-            if tightest is None or state[0] < tightest[1][0]:
-                tightest = bucket, state
-        for kind, pair in (("requests", None if requests is None else
-                            (requests, requests.headroom())), ("tokens", tightest)):
-            if pair is None:
-                continue
-            bucket, (level, until_full) = pair
-            headers[f"x-ratelimit-limit-{kind}"] = str(int(bucket.capacity))
-            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(level)))
-            headers[f"x-ratelimit-reset-{kind}"] = openai_duration(until_full)
+        if requests is not None:
+            level, until_full = requests.headroom()
+            headers["x-ratelimit-limit-requests"] = requests.capacity_text
+            headers["x-ratelimit-remaining-requests"] = _remaining(level)
+            headers["x-ratelimit-reset-requests"] = openai_duration(until_full)
+        if tokens:
+            bucket = tokens[0]
+            level, until_full = bucket.headroom()
+            for other in tokens[1:]:
+                state = other.headroom()
+                if state[0] < level:
+                    bucket, (level, until_full) = other, state
+            headers["x-ratelimit-limit-tokens"] = bucket.capacity_text
+            headers["x-ratelimit-remaining-tokens"] = _remaining(level)
+            headers["x-ratelimit-reset-tokens"] = openai_duration(until_full)
         return headers
 
     # -- status ----------------------------------------------------------------------------

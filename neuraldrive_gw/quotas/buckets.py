@@ -17,6 +17,7 @@ class TokenBucket:
         if capacity <= 0 or per_minute < 0:
             raise ValueError("a bucket needs capacity > 0 and per_minute >= 0")
         self.capacity = float(capacity)
+        self.capacity_text = str(int(self.capacity))     # x-ratelimit-limit-*
         self.per_minute = float(per_minute)
         self._monotonic = monotonic
         self._level = self.capacity
@@ -39,6 +40,7 @@ class TokenBucket:
         self._refill()
         used = self.capacity - self._level
         self.capacity = float(capacity)
+        self.capacity_text = str(int(self.capacity))
         self.per_minute = float(per_minute)
         self._level = self.capacity - used     # below zero: the use already exceeds it
 

@@ -115,15 +115,23 @@ class FairQueue:
 
     # -- acquiring -------------------------------------------------------------------------
 
+    def try_acquire(self, tenant: str, weight: int, key: str) -> Slot | None:
+        """A slot now if one is free and nobody waits, else None (acquire() waits). The
+        admission of a request that does not wait, without a coroutine."""
+        if self._in_flight < self.max_parallel and self._queued == 0:
+            self._in_flight += 1
+            self._account(tenant, max(1, int(weight)), key)
+            return self._grant(tenant, key, waited=False)
+        return None
+
     async def acquire(self, tenant: str, weight: int, key: str,
                       timeout: float | None) -> Slot:
         """A slot now if one is free and nobody waits; else wait in line up to `timeout`
         seconds (None: no limit) and raise QueueTimeout. Cancellation leaves the line."""
         weight = max(1, int(weight))
-        if self._in_flight < self.max_parallel and self._queued == 0:
-            self._in_flight += 1
-            self._account(tenant, weight, key)
-            return self._grant(tenant, key, waited=False)
+        slot = self.try_acquire(tenant, weight, key)
+        if slot is not None:
+            return slot
         loop = asyncio.get_running_loop()
         waiter = _Waiter(tenant, key, loop.create_future())
         self._enqueue(waiter, weight)

@@ -197,12 +197,35 @@ class KeyVerifier:
         return self.snapshot_at is not None and \
             self._poll_clock() - self.snapshot_at <= self._stale_after_s
 
+    def known(self, token: str) -> Principal | None:
+        """The principal of a key verified before (no Argon2, no await), None when the
+        token needs a verification; raises as authenticate() does for every refusal
+        that needs none. The request path tries this first."""
+        found = self._lookup(token)
+        return found if isinstance(found, Principal) else None
+
     async def authenticate(self, token: str,
                            on_verify: Callable[[], None] | None = None) -> Principal:
         """Principal for a DB key, or Unauthorized; Unavailable when the snapshot is stale.
         `on_verify` is called when this request starts an Argon2 verification (not when it
         joins one already running): the pipeline counts it against the client's address
         in advance."""
+        found = self._lookup(token)
+        if isinstance(found, Principal):
+            return found
+        record, digest, now = found
+        if not await self._verify_once(digest, record, token, on_verify):
+            self._remember_failure(digest, now)
+            raise Unauthorized()
+        principal = principal_for(record)
+        self._cache[digest] = _Verified(record.key_id, record.hash, now, principal)
+        if len(self._cache) > CACHE_MAX:
+            self._cache.popitem(last=False)
+        return principal
+
+    def _lookup(self, token: str) -> Principal | tuple[KeyRecord, bytes, float]:
+        """Everything short of Argon2: a refusal, the cached principal, or what a
+        verification needs (the record, the token's digest, the time)."""
         key_id = keys.key_id(token)
         if key_id is None:
             raise Unauthorized()
@@ -228,14 +251,7 @@ class KeyVerifier:
         failed_at = self._failed.get(digest)
         if failed_at is not None and now - failed_at < NEGATIVE_TTL_S:
             raise Unauthorized()
-        if not await self._verify_once(digest, record, token, on_verify):
-            self._remember_failure(digest, now)
-            raise Unauthorized()
-        principal = principal_for(record)
-        self._cache[digest] = _Verified(key_id, record.hash, now, principal)
-        if len(self._cache) > CACHE_MAX:
-            self._cache.popitem(last=False)
-        return principal
+        return record, digest, now
 
     async def _verify_once(self, digest: bytes, record: KeyRecord, token: str,
                            on_start: Callable[[], None] | None = None) -> bool:
@@ -270,6 +286,14 @@ class Authenticator:
     def __init__(self, master: MasterKey, verifier: KeyVerifier):
         self.master = master
         self.verifier = verifier
+
+    def known(self, headers: Mapping[str, str]) -> Principal | None:
+        """The master key or a key verified before, without an await; None when the key
+        needs an Argon2 verification (then call authenticate()). Refusals raise."""
+        token = extract_credential(headers)
+        if self.master.matches(token):
+            return MASTER
+        return self.verifier.known(token)
 
     async def authenticate(self, headers: Mapping[str, str],
                            on_verify: Callable[[], None] | None = None) -> Principal:

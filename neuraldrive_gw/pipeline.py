@@ -226,12 +226,13 @@ class Pipeline:
         # key verifies: otherwise requests arriving during a verification all pass the
         # check above, and one address gets `limit + concurrency` verifications.
         counted: list[bool] = []
-
-        def count_in_advance() -> None:
-            self.auth_failures.failed(client)
-            counted.append(True)
         try:
-            principal = await self.auth.authenticate(request.headers, count_in_advance)
+            principal = self.auth.known(request.headers)     # the usual case: no await
+            if principal is None:
+                def count_in_advance() -> None:
+                    self.auth_failures.failed(client)
+                    counted.append(True)
+                principal = await self.auth.authenticate(request.headers, count_in_advance)
         except (Unauthorized, TooManyCredentials):
             if not counted:
                 self.auth_failures.failed(client)

@@ -18,25 +18,28 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 async def read_body(request: web.BaseRequest, *, max_bytes: int, timeout_s: float) -> bytes:
     """The raw body, or 415 (any Content-Encoding but identity), 413 (over the cap), 408."""
-    for value in request.headers.getall("Content-Encoding", []):
-        if value.strip().lower() not in ("", "identity"):
-            raise UnsupportedEncoding()
-    length = request.content_length
-    if length is not None and length > max_bytes:
-        raise BodyTooLarge()          # before reading, and without a 100 Continue
-    if request.headers.get("Expect", "").lower() == "100-continue" and \
-            request.version >= (1, 1) and request.transport is not None:
-        # We told aiohttp not to answer Expect itself (see app.py), so the client only
-        # sends the body once we know it is acceptable.
-        request.transport.write(_CONTINUE)
+    headers = request.headers
+    if "Content-Encoding" in headers:
+        for value in headers.getall("Content-Encoding"):
+            if value.strip().lower() not in ("", "identity"):
+                raise UnsupportedEncoding()
     content = request.content
     if content.is_eof():
         # The whole body came with the headers (the usual case for a chat request):
-        # take it without a timer or a wait.
+        # take it without a timer or a wait. (A client that sends its body at once does
+        # not wait for a 100 Continue either.)
         body = content.read_nowait()
         if len(body) > max_bytes:
             raise BodyTooLarge()
         return body
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise BodyTooLarge()          # before reading, and without a 100 Continue
+    if headers.get("Expect", "").lower() == "100-continue" and \
+            request.version >= (1, 1) and request.transport is not None:
+        # We told aiohttp not to answer Expect itself (see app.py), so the client only
+        # sends the body once we know it is acceptable.
+        request.transport.write(_CONTINUE)
     chunks: list[bytes] = []
     size = 0
     try:

@@ -207,8 +207,9 @@ class Pipeline:
         transport = request.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         host = peer[0] if isinstance(peer, tuple) else None
-        return clientip.client_ip(host, request.headers.getall("X-Forwarded-For", []),
-                                  self.trusted)
+        headers = request.headers
+        forwarded = headers.getall("X-Forwarded-For") if "X-Forwarded-For" in headers else ()
+        return clientip.client_ip(host, forwarded, self.trusted)
 
     # -- the steps ---------------------------------------------------------------------------
 

@@ -145,7 +145,10 @@ def _check_tree(root: dict[str, Any], max_depth: int, check_surrogates: bool) ->
                 if check_surrogates and not key.isascii() and _has_surrogate(key):
                     raise BodyError("invalid JSON body: lone surrogate in key")
                 t = type(value)
-                if t is dict or t is list:
+                if t is str:                  # the common case, inline
+                    if check_surrogates and _has_surrogate(value):
+                        raise BodyError("invalid JSON body: lone surrogate in string")
+                elif t is dict or t is list:
                     child_free = free or key in _FREE_FORM_KEYS or (key == "input" and t is dict)
                     stack.append((value, depth + 1, child_free))
                 else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -43,7 +43,6 @@ class Outcome:
     bytes_out: int = 0
     first_byte_at: float | None = None
     capture: TextCapture | None = None   # the prompt log's copy of the answer text, if on
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class ClientWatch:

@@ -22,6 +22,15 @@ def test_starts_full_and_take_debits() -> None:
     assert b.level() == 50
 
 
+def test_debit_after_a_check_counts_the_refill_that_check_read() -> None:
+    b, clock = bucket()
+    b.take(60)
+    clock.advance(30)
+    assert b.can_take(20)                     # reads the clock: 30 refilled
+    assert b.debit(20) == 20 and b.debit(1000) == 60   # clamped like take()
+    assert b.state() == b.headroom() == (-50, 110)     # what is owed, and when it is full
+
+
 @pytest.mark.parametrize("elapsed, expected", [
     (0, 0), (1, 1), (0.5, 0.5), (30, 30), (60, 60), (61, 60), (3600, 60),
 ])

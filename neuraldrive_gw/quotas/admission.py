@@ -337,16 +337,17 @@ class Admission:
         # 2. Debits: all of them, with no await since the checks.
         ticket = Ticket(self, principal, estimate)
         if requests is not None:
-            ticket._request_debit = (requests, requests.take(1))
+            ticket._request_debit = (requests, requests.debit(1))
         if estimate > 0:
-            ticket._token_debits = [(bucket, bucket.take(estimate)) for bucket in tokens]
+            ticket._token_debits = [(bucket, bucket.debit(estimate)) for bucket in tokens]
             ticket._reservations = [self.ledger.reserve(scope, period, estimate, now)
                                     for scope, _, period in budgets]
         counted = ticket._counted
         for _, name, counts, _ in plan.counters:
             counts[name] = counts.get(name, 0) + 1
             counted.append((counts, name))
-        ticket.headers = self._headers(requests, tokens)
+        ticket.headers = self._headers(requests, tokens, requests_read=True,
+                                       tokens_read=estimate > 0)
         self.counters["admitted"] += 1
 
         # 3. The model slot: may wait; a timeout or a cancellation undoes everything.
@@ -371,21 +372,23 @@ class Admission:
             self.counters["settled_estimated"] += 1
 
     @staticmethod
-    def _headers(requests: TokenBucket | None, tokens: list[TokenBucket]) -> dict[str, str]:
+    def _headers(requests: TokenBucket | None, tokens: list[TokenBucket], *,
+                 requests_read: bool = False, tokens_read: bool = False) -> dict[str, str]:
         """`x-ratelimit-*` for the key's request bucket and the tightest token bucket;
         a dimension without a limit (an unlimited key, the master key by default) has
-        no headers. (Every admitted request pays for these: spelt out, no loops.)"""
+        no headers. (Every admitted request pays for these: spelt out, no loops.)
+        `*_read`: those buckets were read and debited just now; their levels are current."""
         headers: dict[str, str] = {}
         if requests is not None:
-            level, until_full = requests.headroom()
+            level, until_full = requests.state() if requests_read else requests.headroom()
             headers["x-ratelimit-limit-requests"] = requests.capacity_text
             headers["x-ratelimit-remaining-requests"] = _remaining(level)
             headers["x-ratelimit-reset-requests"] = openai_duration(until_full)
         if tokens:
             bucket = tokens[0]
-            level, until_full = bucket.headroom()
+            level, until_full = bucket.state() if tokens_read else bucket.headroom()
             for other in tokens[1:]:
-                state = other.headroom()
+                state = other.state() if tokens_read else other.headroom()
                 if state[0] < level:
                     bucket, (level, until_full) = other, state
             headers["x-ratelimit-limit-tokens"] = bucket.capacity_text

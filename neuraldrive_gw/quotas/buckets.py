@@ -63,6 +63,13 @@ class TokenBucket:
         self._level -= amount
         return amount
 
+    def debit(self, n: float) -> float:
+        """take(n) straight after can_take(n) returned True, with no await between: the
+        level is current, so the clock is not read again. Returns the amount debited."""
+        amount = self.clamp(n)
+        self._level -= amount
+        return amount
+
     def charge(self, n: float) -> None:
         """Debit usage beyond what was taken; the level may go negative (later requests wait)."""
         self._refill()
@@ -85,6 +92,11 @@ class TokenBucket:
         """(level, seconds until full) from one reading of the clock: the rate-limit
         headers of every admitted request need both."""
         level = self._refill()
+        return level, self._wait(self.capacity - level)
+
+    def state(self) -> tuple[float, float]:
+        """headroom() as of the last reading of the clock (straight after a debit)."""
+        level = self._level
         return level, self._wait(self.capacity - level)
 
     def _wait(self, missing: float) -> float:

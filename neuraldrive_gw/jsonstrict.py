@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 # Values of these keys are decoded by Ollama into map[string]any / json.RawMessage /
@@ -59,9 +59,28 @@ def _reject_constant(name: str) -> NoReturn:
     raise BodyError(f"invalid JSON body: {name} is not allowed")
 
 
+def compact_encoder(*, ensure_ascii: bool) -> Callable[[Any], str]:
+    """`json.dumps(obj, separators=(",", ":"), ensure_ascii=…, allow_nan=False)` as a
+    function, byte for byte (it is the same C encoder), built once: json.dumps with
+    options builds a JSONEncoder, a closure and a C encoder on every call. No check for
+    circular references: what it encodes came from a JSON parser or from literals."""
+    quote = json.encoder.encode_basestring_ascii if ensure_ascii \
+        else json.encoder.encode_basestring
+    make = getattr(json.encoder, "c_make_encoder", None)   # None where _json is not built
+    if make is None:
+        return json.JSONEncoder(ensure_ascii=ensure_ascii, allow_nan=False,
+                                separators=(",", ":")).encode
+
+    def default(o: object) -> NoReturn:
+        raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+    encode = make(None, default, quote, None, ":", ",", False, False, False)
+    return lambda obj: "".join(encode(obj, 0))
+
+
 # Built once: json.loads and json.dumps with options build a new coder on every call.
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs_to_dict, parse_constant=_reject_constant)
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_ENCODE = compact_encoder(ensure_ascii=False)
 
 
 def _has_surrogate(s: str) -> bool:
@@ -201,4 +220,4 @@ def parse_json_body(raw: bytes, *, max_depth: int = 64) -> dict[str, Any]:
 
 def serialise(obj: Mapping[str, Any]) -> bytes:
     """The bytes forwarded upstream: compact UTF-8 JSON, never NaN."""
-    return _ENCODER.encode(obj).encode("utf-8")
+    return _ENCODE(obj).encode("utf-8")

@@ -191,6 +191,11 @@ class EventSplitter:
         self._spilling: bytes | None = None     # the head of the event being spilled
         self._prev = b""                # its last two bytes: a blank line may straddle
 
+    @property
+    def idle(self) -> bool:
+        """Nothing held back: the next byte starts a new event."""
+        return not self._buf and self._spilling is None
+
     def feed(self, chunk: bytes) -> list[bytes | Spill]:
         out: list[bytes | Spill] = []
         start = 0

@@ -299,6 +299,16 @@ class OpenAIChunkMeter(_SseMeter):
     def __init__(self, *, strip_usage: bool = False, max_event: int = MAX_HELD_EVENT):
         super().__init__(filtering=strip_usage, max_event=max_event)
 
+    def feed(self, chunk: bytes) -> bytes:
+        # Most chunks are whole content events: nothing held back, none an error, the
+        # usage chunk or [DONE]. Those pass as they are, without being cut into events.
+        if (chunk.endswith(b"\n\n") and self._events.idle and len(chunk) <= self._events.limit
+                and b"error" not in chunk and b'"usage"' not in chunk
+                and b"[DONE]" not in chunk and not self.errored):
+            self._sent.sent(chunk)
+            return chunk
+        return super().feed(chunk)
+
     def _error_frame(self, message: str) -> bytes:
         # openai-python raises APIError for any data object with an "error" member.
         frame = json.dumps({"error": {"message": message, **_OPENAI_ERROR}}).encode()

@@ -148,6 +148,11 @@ class ChunkDecoder:
                 size = line.partition(b";")[0].strip(b" \t")
                 if not size or len(size) > 15 or size.translate(None, _HEX):
                     raise UpstreamProtocolError("malformed chunk size")
-                self._left = int(size, 16)
-                self._state = _DATA if self._left else _TRAILER
+                left = int(size, 16)
+                if left and buf[pos + left:pos + left + 2] == b"\r\n":
+                    out.append(buf[pos:pos + left])      # the whole chunk is here
+                    pos += left + 2
+                    continue
+                self._left = left
+                self._state = _DATA if left else _TRAILER
         return out[0] if len(out) == 1 else b"".join(out)

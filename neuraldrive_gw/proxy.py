@@ -201,19 +201,6 @@ async def relay_buffered(request: web.BaseRequest, resp: UpstreamResponse, route
                         headers=response_headers(resp, request_id, extra))
 
 
-class _ClientGone(Exception):
-    """The client's connection failed while we wrote to it."""
-
-
-async def _send(out: web.StreamResponse, data: bytes) -> None:
-    try:
-        await out.write(data)
-    except ConnectionResetError:
-        # aiohttp ≥3.10 raises ClientConnectionResetError, which is also an aiohttp
-        # ClientError: without this it would pass for an upstream failure below.
-        raise _ClientGone() from None
-
-
 async def relay_stream(request: web.BaseRequest, resp: UpstreamResponse, meter: StreamMeter,
                        request_id: str, outcome: Outcome, extra: Mapping[str, str],
                        monotonic: Callable[[], float]) -> web.StreamResponse:
@@ -230,13 +217,13 @@ async def relay_stream(request: web.BaseRequest, resp: UpstreamResponse, meter: 
                 if data:
                     if outcome.first_byte_at is None:
                         outcome.first_byte_at = monotonic()
-                    await _send(out, data)
+                    await out.write(data)
                     outcome.bytes_out += len(data)
                     if outcome.capture is not None:
                         outcome.capture.feed(data)
             tail = meter.finish()
             if tail:
-                await _send(out, tail)
+                await out.write(tail)
                 outcome.bytes_out += len(tail)
             if meter.errored:
                 outcome.error = f"upstream reported an error: {meter.upstream_error}"
@@ -254,11 +241,13 @@ async def relay_stream(request: web.BaseRequest, resp: UpstreamResponse, meter: 
             log.warning("stream %s broken: %s", request_id, outcome.error)
         if outcome.error is not None and not meter.errored:
             # (An in-band upstream error was already replaced by the meter's own frame.)
-            await _send(out, meter.error_frame(
+            await out.write(meter.error_frame(
                 f"the model server stopped before the answer was complete (request id: {request_id})"))
         await out.write_eof()
-    except (_ClientGone, ConnectionResetError):
-        # The client went away: before the headers, mid-stream, or at the end.
+    except ConnectionResetError:
+        # The client went away: before the headers, mid-stream, or at the end. (aiohttp
+        # ≥3.10 raises ClientConnectionResetError, a ConnectionResetError too; the
+        # upstream's failures are UpstreamIOError, so the two cannot be confused.)
         outcome.client_gone = True
         outcome.usage = outcome.usage or meter.usage
         outcome.error = outcome.error or "client disconnected"

@@ -186,6 +186,22 @@ def test_fields_given_as_a_tuple_are_stored_as_the_record_would_be(
     assert content == json.dumps(list(values), separators=(",", ":"), ensure_ascii=True)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 63, 64, 65, 127, 200])
+def test_a_batch_of_any_size_is_one_chain_of_consecutive_rows(db: str, rows: int) -> None:
+    """Batches are written as multi-row INSERTs of a few shapes; every row must still
+    extend the chain from the one before it, in order, under the append trigger."""
+    batch = [(values, content_json(values)) for values in (rec(i).values() for i in range(rows))]
+    with connected(db) as conn:
+        conn.isolation_level = None
+        appended = audit_module._append(conn, batch, None, None)
+        again = audit_module._append(conn, batch, None, appended.head)   # a second batch
+    assert appended.rows == rows and appended.head[0] == rows and again.head[0] == 2 * rows
+    assert check(db).ok and check(db).rows_checked == 2 * rows
+    with connected(db) as conn:
+        stored = conn.execute("SELECT request_id FROM audit ORDER BY id").fetchall()
+    assert [r[0] for r in stored] == [f"req-{i}" for i in range(rows)] * 2
+
+
 def test_the_hash_is_sha256_of_prev_hash_and_the_canonical_row() -> None:
     """The documented definition, recomputed independently of the writer's shortcut."""
     values = rec(3, model=None, ttfb_ms=None).values()

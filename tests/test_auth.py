@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 
 from conftest import MASTER_KEY, Gateway, GatewayFactory, write_key_file
 from neuraldrive_gw import admin, keys, store
@@ -82,6 +84,19 @@ async def test_argon2_runs_once_per_key_and_never_for_unknown_ids(gw: Gateway, h
     for _ in range(3):
         assert await status_of(http, gw, wrong_secret) == 401          # known id, wrong secret
     assert verifier.verifications == before + 2                        # then negatively cached
+
+
+async def test_verified_keys_are_held_only_as_a_keyed_hmac(gw: Gateway, http) -> None:
+    """SPEC §2: the cache is keyed by an HMAC of the token under a per-process secret,
+    never by the token; a later request finds it without an await (Authenticator.known)."""
+    verifier = gw.pipeline.auth.verifier
+    assert await status_of(http, gw, gw.keys.all_models) == 200
+    token = gw.keys.all_models
+    cached = list(verifier._cache)
+    assert cached and all(len(k) == 32 for k in cached)
+    assert token.encode() not in cached and hashlib.sha256(token.encode()).digest() not in cached
+    principal = gw.pipeline.auth.known(CIMultiDict(Authorization=f"Bearer {token}"))
+    assert principal is not None and principal.key_id == keys.key_id(token)
 
 
 async def test_concurrent_first_requests_with_one_key_share_one_verification(

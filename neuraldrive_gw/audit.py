@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import sqlite3
@@ -28,7 +27,8 @@ from typing import Any
 import aiosqlite
 
 from . import store
-from .auditchain import COLUMNS, CONTENT, INSERT, AuditRecord, content_json, row_hash, row_values
+from .auditbatch import Appended, CommitFailed, Pending, append, busy
+from .auditchain import CONTENT, AuditRecord, content_json, row_values
 from .dbfile import FileIdentity
 from .store import StoreError
 
@@ -46,8 +46,6 @@ __all__ = ["AuditRecord", "AuditWriter"]
 _PROMPT_TOKENS = CONTENT.index("prompt_tokens")
 _COMPLETION_TOKENS = CONTENT.index("completion_tokens")
 
-# (content values, their canonical JSON)
-_Pending = tuple[tuple[Any, ...], str]
 
 
 class AuditWriter:
@@ -76,7 +74,7 @@ class AuditWriter:
         self._gather_s = gather_s
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[Pending] = deque()
         self._conn: aiosqlite.Connection | None = None
         self._file = FileIdentity(path)                  # the file the connection uses
         self._task: asyncio.Task[None] | None = None
@@ -250,7 +248,7 @@ class AuditWriter:
                 await self._write_batch()
             except Exception as exc:
                 self._failed(exc)
-                if not _busy(exc):
+                if not busy(exc):
                     # Disk full, read-only, I/O error, damaged file: start afresh from
                     # the file on disk. Only a lock held elsewhere keeps the connection.
                     await self._disconnect()
@@ -273,7 +271,7 @@ class AuditWriter:
         finally:
             self._writing = 0
 
-    async def _transaction(self, conn: aiosqlite.Connection, batch: list[_Pending]) -> None:
+    async def _transaction(self, conn: aiosqlite.Connection, batch: list[Pending]) -> None:
         """One BEGIN IMMEDIATE … COMMIT for the batch, run whole in the connection's thread:
         one thread round trip per batch instead of four (each one a pair of context
         switches on the gateway's core). aiosqlite has no public call for "run this
@@ -281,9 +279,9 @@ class AuditWriter:
         in 0.17 (Debian 12) and 0.22."""
         attempt, self._attempt = self._attempt, None
         try:
-            result: _Appended = await conn._execute(  # type: ignore[no-untyped-call]
-                _append, conn._conn, batch, attempt, self._head)
-        except _CommitFailed as exc:
+            result: Appended = await conn._execute(  # type: ignore[no-untyped-call]
+                append, conn._conn, batch, attempt, self._head)
+        except CommitFailed as exc:
             # COMMIT raised: the rows may be on disk anyway; the next batch checks.
             self._attempt = exc.attempt
             await self._rollback(conn)
@@ -385,86 +383,6 @@ class AuditWriter:
                 await conn.close()
             except Exception as exc:     # the file may be gone or damaged: nothing to save
                 log.warning("closing the audit connection failed: %s", exc)
-
-
-class _Appended:
-    """What a batch transaction did: rows now committed, the new head, and the head the
-    database had if it was not the one the writer last saw."""
-
-    __slots__ = ("rows", "head", "moved")
-
-    def __init__(self, rows: int, head: tuple[int, str], moved: tuple[int, str] | None):
-        self.rows, self.head, self.moved = rows, head, moved
-
-
-class _CommitFailed(Exception):
-    def __init__(self, error: BaseException, attempt: tuple[int, str, int]):
-        super().__init__(str(error))
-        self.error, self.attempt = error, attempt
-
-
-def _commit(db: sqlite3.Connection) -> None:
-    db.execute("COMMIT")      # a seam: test_audit makes one COMMIT fail after committing
-
-
-def _append(db: sqlite3.Connection, batch: list[_Pending], attempt: tuple[int, str, int] | None,
-            seen: tuple[int, str] | None) -> _Appended:
-    """Append `batch` to the chain in one transaction (runs in the connection's thread).
-    `attempt`: (id, hash, rows) of a batch whose COMMIT raised; if the database ends
-    there, it did commit, and this batch's rows are not written twice."""
-    db.execute("BEGIN IMMEDIATE")
-    row = db.execute("SELECT id, row_hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-    if row is None:
-        row = db.execute("SELECT last_id, last_hash FROM audit_anchor").fetchone()
-    if row is None:
-        raise StoreError("the audit anchor row is missing")
-    tail = (int(row[0]), str(row[1]))
-    if attempt is not None and tail == attempt[:2]:
-        db.execute("ROLLBACK")
-        return _Appended(attempt[2], tail, None)
-    params: list[Any] = []
-    last_id, last_hash = tail
-    for values, content in batch:
-        last_id += 1
-        digest = row_hash(last_hash, last_id, content)
-        params += (last_id, *values, last_hash, digest)
-        last_hash = digest
-    _insert(db, params, len(batch))
-    try:
-        _commit(db)
-    except BaseException as exc:
-        raise _CommitFailed(exc, (last_id, last_hash, len(batch))) from None
-    return _Appended(len(batch), (last_id, last_hash), None if tail == seen else tail)
-
-
-# Rows per INSERT statement: one statement of many rows costs about a quarter less per
-# row than executemany() of one-row statements (docs/performance.md). Powers of two, so
-# that any batch is a few statements of a few shapes (each prepared once and cached).
-_WIDTH = len(COLUMNS)
-_MAX_ROWS = 64
-
-
-@functools.lru_cache(maxsize=None)
-def _insert_sql(rows: int) -> str:
-    """INSERT (one row's VALUES) followed by the VALUES of `rows - 1` more."""
-    return INSERT + (", (" + ", ".join("?" * _WIDTH) + ")") * (rows - 1)
-
-
-def _insert(db: sqlite3.Connection, params: list[Any], rows: int) -> None:
-    """Insert `rows` rows whose values are `params`, flattened, in row order (the chain's
-    trigger sees each row after the ones before it, as with one row per statement)."""
-    limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    most = max(1, min(_MAX_ROWS, limit // _WIDTH))
-    start = 0
-    while rows:
-        take = most if rows >= most else 1 << (rows.bit_length() - 1)
-        end = start + take * _WIDTH
-        db.execute(_insert_sql(take), params[start:end])
-        start, rows = end, rows - take
-
-
-def _busy(exc: Exception) -> bool:
-    return getattr(exc, "sqlite_errorname", None) in ("SQLITE_BUSY", "SQLITE_LOCKED")
 
 
 async def _tail(conn: aiosqlite.Connection) -> tuple[int, str]:

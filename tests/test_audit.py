@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from faults import fill, immutable
-from neuraldrive_gw import audit as audit_module
+from neuraldrive_gw import auditbatch
 from neuraldrive_gw import store
 from neuraldrive_gw.audit import AuditRecord, AuditWriter
 from neuraldrive_gw.spend import spend_in_periods, spend_since
@@ -193,8 +193,8 @@ def test_a_batch_of_any_size_is_one_chain_of_consecutive_rows(db: str, rows: int
     batch = [(values, content_json(values)) for values in (rec(i).values() for i in range(rows))]
     with connected(db) as conn:
         conn.isolation_level = None
-        appended = audit_module._append(conn, batch, None, None)
-        again = audit_module._append(conn, batch, None, appended.head)   # a second batch
+        appended = auditbatch.append(conn, batch, None, None)
+        again = auditbatch.append(conn, batch, None, appended.head)   # a second batch
     assert appended.rows == rows and appended.head[0] == rows and again.head[0] == 2 * rows
     assert check(db).ok and check(db).rows_checked == 2 * rows
     with connected(db) as conn:
@@ -438,14 +438,14 @@ async def test_a_commit_that_failed_after_committing_is_not_written_twice(
     the write) cannot be produced on demand, so this one COMMIT commits, then says it failed."""
     async with running(db, retry_max_s=0.05) as writer:
         await write_one(writer, 0)
-        real = audit_module._commit                              # noqa: SLF001 (the seam)
+        real = auditbatch.commit                                 # the seam
 
         def commit_then_fail(conn: sqlite3.Connection) -> None:
-            monkeypatch.setattr(audit_module, "_commit", real)
+            monkeypatch.setattr(auditbatch, "commit", real)
             real(conn)
             raise sqlite3.OperationalError("disk I/O error")
 
-        monkeypatch.setattr(audit_module, "_commit", commit_then_fail)
+        monkeypatch.setattr(auditbatch, "commit", commit_then_fail)
         writer.submit(rec(1))
         writer.submit(rec(2))
         await writer.flush()

@@ -13,7 +13,6 @@ in `finally`; release is idempotent and frees the concurrency counts and the slo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..clock import Clock
@@ -24,6 +23,7 @@ from ..principals import Principal, Tenant
 from .budgets import BudgetLedger, Reservation, Scope, format_reset, reset_time
 from .buckets import TokenBucket
 from .fairqueue import FairQueue, Slot
+from .ratelimit import ratelimit_headers
 
 MASTER_QUEUE_TENANT = ""       # tenant names are never empty; the master key waits as its own
 
@@ -65,26 +65,6 @@ def tenant_limits(tenant: Tenant, default_period: str) -> Limits:
                   token_budget=tenant.token_budget or None,
                   budget_period=tenant.budget_period or default_period,
                   max_concurrent=tenant.max_concurrent or None)
-
-
-def _remaining(level: float) -> str:
-    return str(math.floor(level)) if level > 0 else "0"
-
-
-def openai_duration(seconds: float) -> str:
-    """A wait as OpenAI spells it in `x-ratelimit-reset-*`: "250ms", "1.5s", "6m0s", "1h0m0s"
-    (Go duration syntax, rounded up to the millisecond so it never promises too early)."""
-    millis = max(0, math.ceil(round(seconds * 1000, 3))) if math.isfinite(seconds) else 0
-    if millis < 1000:
-        return f"{millis}ms" if millis else "0s"
-    hours, rest = divmod(millis, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs = f"{rest // 1000}s" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{secs}"
-    if minutes:
-        return f"{minutes}m{secs}"
-    return secs
 
 
 class Ticket:
@@ -310,7 +290,7 @@ class Admission:
             if limit is not None and counts.get(name, 0) >= limit:
                 self.counters["rejected_concurrency"] += 1
                 raise TooManyConcurrent(f"too many concurrent requests for this {kind}",
-                                        headers=self._headers(requests, tokens))
+                                        headers=ratelimit_headers(requests, tokens))
         # A request that reserves no tokens (listings, show) is not held to token limits.
         budgets = plan.budgets if estimate > 0 else ()
         now = self.clock.time() if budgets else 0.0
@@ -321,18 +301,18 @@ class Admission:
                     f"token budget exhausted for this {scope[0]}; it resets at "
                     f"{format_reset(period, now)}",
                     retry_after_s=reset_time(period, now) - now,
-                    headers=self._headers(requests, tokens))
+                    headers=ratelimit_headers(requests, tokens))
         if requests is not None and not requests.can_take(1):
             self.counters["rejected_rate"] += 1
             raise RateLimited("request rate limit reached for this key",
                               retry_after_s=requests.seconds_until(1),
-                              headers=self._headers(requests, tokens))
+                              headers=ratelimit_headers(requests, tokens))
         for bucket in tokens if estimate > 0 else ():
             if not bucket.can_take(estimate):
                 self.counters["rejected_rate"] += 1
                 raise RateLimited("token rate limit reached",
                                   retry_after_s=bucket.seconds_until(estimate),
-                                  headers=self._headers(requests, tokens))
+                                  headers=ratelimit_headers(requests, tokens))
 
         # 2. Debits: all of them, with no await since the checks.
         ticket = Ticket(self, principal, estimate)
@@ -346,7 +326,7 @@ class Admission:
         for _, name, counts, _ in plan.counters:
             counts[name] = counts.get(name, 0) + 1
             counted.append((counts, name))
-        ticket.headers = self._headers(requests, tokens, requests_read=True,
+        ticket.headers = ratelimit_headers(requests, tokens, requests_read=True,
                                        tokens_read=estimate > 0)
         self.counters["admitted"] += 1
 
@@ -370,31 +350,6 @@ class Admission:
         self.counters["settled_tokens"] += actual
         if estimated:
             self.counters["settled_estimated"] += 1
-
-    @staticmethod
-    def _headers(requests: TokenBucket | None, tokens: list[TokenBucket], *,
-                 requests_read: bool = False, tokens_read: bool = False) -> dict[str, str]:
-        """`x-ratelimit-*` for the key's request bucket and the tightest token bucket;
-        a dimension without a limit (an unlimited key, the master key by default) has
-        no headers. (Every admitted request pays for these: spelt out, no loops.)
-        `*_read`: those buckets were read and debited just now; their levels are current."""
-        headers: dict[str, str] = {}
-        if requests is not None:
-            level, until_full = requests.state() if requests_read else requests.headroom()
-            headers["x-ratelimit-limit-requests"] = requests.capacity_text
-            headers["x-ratelimit-remaining-requests"] = _remaining(level)
-            headers["x-ratelimit-reset-requests"] = openai_duration(until_full)
-        if tokens:
-            bucket = tokens[0]
-            level, until_full = bucket.state() if tokens_read else bucket.headroom()
-            for other in tokens[1:]:
-                state = other.state() if tokens_read else other.headroom()
-                if state[0] < level:
-                    bucket, (level, until_full) = other, state
-            headers["x-ratelimit-limit-tokens"] = bucket.capacity_text
-            headers["x-ratelimit-remaining-tokens"] = _remaining(level)
-            headers["x-ratelimit-reset-tokens"] = openai_duration(until_full)
-        return headers
 
     # -- status ----------------------------------------------------------------------------
 

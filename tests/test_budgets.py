@@ -158,3 +158,19 @@ def test_prune_keeps_current_periods_and_reservations() -> None:
         ("2026-11-20", 0, 9), ("2026-11-22", 2, 0), ("2026-11", 4, 0)]
     ledger.settle(r, 9)
     assert ledger.spent(KEY, "2026-11-20") == 9
+
+
+def test_period_keys_stay_right_across_boundaries_in_either_direction() -> None:
+    """period_key remembers the current period; moving the clock anywhere (forwards over
+    a day or month end, or backwards, as an injected clock may) must not reuse it wrongly."""
+    def plain(period: str, t: float) -> str:
+        moment = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+        return moment.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
+    end_of_year = dt.datetime(2026, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)
+    base = end_of_year.timestamp()
+    moments = [base, base + 0.999, base + 1, base - 86_400, base + 1, base + 31 * 86_400,
+               base - 40 * 86_400, base - 40 * 86_400 + 1, base, 0.0, base + 1]
+    for period in ("day", "month"):
+        for t in moments:
+            assert period_key(period, t) == plain(period, t), (period, t)
+

@@ -24,14 +24,27 @@ def _utc(wall_now: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(wall_now, tz=dt.timezone.utc)
 
 
+# period → (start, end, key) of the period last asked for. Every budgeted admission and
+# every budget row of /status asks; formatting a date each time cost about 2 µs a call.
+_current: dict[str, tuple[float, float, str]] = {}
+
+
 def period_key(period: str, wall_now: float) -> str:
     """The UTC calendar period containing `wall_now`: "2026-11-22" (day) or "2026-11" (month)."""
+    known = _current.get(period)
+    if known is not None and known[0] <= wall_now < known[1]:
+        return known[2]
     moment = _utc(wall_now)
     if period == "day":
-        return moment.strftime("%Y-%m-%d")
-    if period == "month":
-        return moment.strftime("%Y-%m")
-    raise ValueError(f"unknown budget period {period!r}")
+        key = moment.strftime("%Y-%m-%d")
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    elif period == "month":
+        key = moment.strftime("%Y-%m")
+        start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    else:
+        raise ValueError(f"unknown budget period {period!r}")
+    _current[period] = (start.timestamp(), reset_time(period, wall_now), key)
+    return key
 
 
 def reset_time(period: str, wall_now: float) -> float:

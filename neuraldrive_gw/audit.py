@@ -47,7 +47,6 @@ _PROMPT_TOKENS = CONTENT.index("prompt_tokens")
 _COMPLETION_TOKENS = CONTENT.index("completion_tokens")
 
 
-
 class AuditWriter:
     """Group-commits audit rows in the background: `await start()` … `await close()`.
 

@@ -265,15 +265,14 @@ class Response:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def timed_out(self, now: float) -> bool:
+    def check_timeout(self, now: float) -> None:
         """Fail the response if the upstream has been silent for longer than the read
         timeout (the client's sweep asks); a pause of our own is not its silence."""
         if self._state not in (_HEAD, _BODY) or self._paused or \
                 now - self._last_read < self._read_timeout_s:
-            return False
+            return
         self._reusable = False
         self._fail(UpstreamReadTimeout("upstream read timeout"))
-        return True
 
 
 class _Connection(asyncio.Protocol):
@@ -430,7 +429,7 @@ class UpstreamClient:
         now = self.loop.time()
         for conn in list(self._busy):
             if conn.response is not None:
-                conn.response.timed_out(now)
+                conn.response.check_timeout(now)
         if self._busy and not self._shut:       # a retired client still reads its answers
             self._arm_sweep()
 

@@ -327,7 +327,7 @@ class Admission:
             counts[name] = counts.get(name, 0) + 1
             counted.append((counts, name))
         ticket.headers = ratelimit_headers(requests, tokens, requests_read=True,
-                                       tokens_read=estimate > 0)
+                                           tokens_read=estimate > 0)
         self.counters["admitted"] += 1
 
         # 3. The model slot: may wait; a timeout or a cancellation undoes everything.

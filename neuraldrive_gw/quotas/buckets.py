@@ -57,11 +57,9 @@ class TokenBucket:
 
     def take(self, n: float) -> float:
         """Debit `clamp(n)` and return it; the caller checked `can_take(n)` first."""
-        amount = self.clamp(n)
-        if self._refill() < amount:
+        if not self.can_take(n):
             raise ValueError("bucket cannot cover this amount; check can_take() first")
-        self._level -= amount
-        return amount
+        return self.debit(n)
 
     def debit(self, n: float) -> float:
         """take(n) straight after can_take(n) returned True, with no await between: the
@@ -91,8 +89,8 @@ class TokenBucket:
     def headroom(self) -> tuple[float, float]:
         """(level, seconds until full) from one reading of the clock: the rate-limit
         headers of every admitted request need both."""
-        level = self._refill()
-        return level, self._wait(self.capacity - level)
+        self._refill()
+        return self.state()
 
     def state(self) -> tuple[float, float]:
         """headroom() as of the last reading of the clock (straight after a debit)."""
